@@ -1,0 +1,108 @@
+"""Scores a sample batch (.npz, ADM format) with a track's evaluation protocol.
+
+    python -m evaluations.evaluate samples.npz --track digits --out metrics.json
+
+Sample statistics are always recomputed from `arr_0`: any mu/sigma a sample file carries is
+ignored (a submitted file could carry made-up statistics). The reference batch is the track's
+(for the digits track: the held-out split's `reference.npz`, built by preprocessing.digits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from evaluations import metrics as M
+from evaluations.features import get_feature_extractor
+
+
+class SampleFileError(ValueError):
+    pass
+
+
+def load_sample_batch(path: Path, resolution: int, channels: int, num_samples: int | None = None) -> np.ndarray:
+    """arr_0 of an ADM-format .npz, validated: uint8, NHWC, the track's resolution and channels,
+    and (when given) exactly num_samples images. Never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleFileError(f"{path}: sample file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise SampleFileError(f"{path}: no 'arr_0' array (found {data.files})")
+            images = data["arr_0"]
+    except SampleFileError:
+        raise
+    except Exception as e:  # zipfile / format errors of a corrupt or truncated file
+        raise SampleFileError(f"{path}: not a readable .npz file: {e}") from e
+    if images.dtype != np.uint8:
+        raise SampleFileError(f"{path}: arr_0 has dtype {images.dtype}, expected uint8 (0..255)")
+    expected = (resolution, resolution, channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise SampleFileError(f"{path}: arr_0 has shape {tuple(images.shape)}, expected [N, "
+                              f"{resolution}, {resolution}, {channels}] (NHWC)")
+    if num_samples is not None and len(images) != num_samples:
+        raise SampleFileError(f"{path}: {len(images)} samples, the protocol requires exactly {num_samples} "
+                              f"(metrics over other counts are not comparable)")
+    return images
+
+
+def reference_images(track: dict) -> np.ndarray:
+    data = track["dataset"]
+    if data.get("builder") == "digits":
+        from preprocessing.digits import REFERENCE_NAME, ensure_digits
+        ensure_digits(data["dir"])
+        return load_sample_batch(Path(data["dir"]) / REFERENCE_NAME, data["resolution"], data["channels"])
+    raise NotImplementedError(f"track {track['name']!r}: reference batches for {data['name']!r} "
+                              "come with the ImageNet evaluator")
+
+
+def compute_metrics(sample_features: dict, reference_features: dict, protocol: dict) -> dict:
+    """Pure: the protocol's metrics from pool features and logits."""
+    real, fake = reference_features["pool"], sample_features["pool"]
+    mu_r, sigma_r = M.feature_statistics(real)
+    mu_f, sigma_f = M.feature_statistics(fake)
+    out = {"fid": M.frechet_distance(mu_r, sigma_r, mu_f, sigma_f)}
+    out["is"], out["is_std"] = M.inception_score(sample_features["logits"],
+                                                 splits=int(protocol.get("inception_score_splits", 10)))
+    out["precision"], out["recall"] = M.precision_recall(real, fake, k=int(protocol.get("precision_recall_k", 3)))
+    kd = protocol.get("kernel_distance", {})
+    out["kd"], out["kd_std"] = M.kernel_distance(real, fake, num_subsets=int(kd.get("num_subsets", 100)),
+                                                 subset_size=int(kd.get("subset_size", 1000)),
+                                                 seed=int(kd.get("seed", 0)))
+    return {k: float(v) for k, v in out.items()}
+
+
+def evaluate_samples(samples_path: Path, track: dict) -> dict:
+    protocol, data = track["evaluation"], track["dataset"]
+    images = load_sample_batch(samples_path, data["resolution"], data["channels"], int(protocol["num_samples"]))
+    extractor = get_feature_extractor(protocol["feature_network"])
+    return compute_metrics(extractor.extract(images), extractor.extract(reference_images(track)), protocol)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train import atomic_write, load_track
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("samples", help="ADM-format .npz with arr_0 = uint8 [N, H, W, C]")
+    parser.add_argument("--track", default="digits", help="track name or JSON path")
+    parser.add_argument("--out", default=None, help="write metrics.json here")
+    args = parser.parse_args(argv)
+    track = load_track(args.track)
+    try:
+        result = evaluate_samples(Path(args.samples), track)
+    except SampleFileError as e:
+        print(f"[evaluate] error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

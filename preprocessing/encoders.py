@@ -1,0 +1,142 @@
+"""Latent encoders: the map between uint8 images and the latents a model trains on.
+
+Every encoder has the same interface:
+
+* ``name``   -- registry name, recorded in the dataset manifest;
+* ``scale``  -- latent scale factor, recorded in the manifest (1.0 for pixels);
+* ``latent_shape(image_shape)`` -- ``(c, h, w)`` latent shape for an image of
+  shape ``(H, W, C)``;
+* ``encode(images)`` -- uint8 NHWC images -> float32 NCHW latents.  A numpy
+  input gives a numpy result, a torch input gives a torch tensor;
+* ``decode(latents)`` -- float NCHW latents -> uint8 NHWC torch tensor.
+
+``get_encoder(name)`` builds an encoder from the registry.  The digits track
+works in pixel space with :class:`IdentityEncoder`; learned autoencoders (the
+INVAE for ImageNet) register themselves here as well.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Dict, Tuple, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+__all__ = [
+    "LatentEncoder",
+    "IdentityEncoder",
+    "register_encoder",
+    "get_encoder",
+    "available_encoders",
+]
+
+
+def _check_images(images: ArrayLike) -> None:
+    if isinstance(images, np.ndarray):
+        dtype_ok = images.dtype == np.uint8
+    elif isinstance(images, torch.Tensor):
+        dtype_ok = images.dtype == torch.uint8
+    else:
+        raise TypeError(
+            f"encode() expects a numpy array or torch tensor, got {type(images).__name__}"
+        )
+    if not dtype_ok:
+        raise ValueError(f"encode() expects uint8 images, got dtype {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(
+            f"encode() expects NHWC images of rank 4, got shape {tuple(images.shape)}"
+        )
+
+
+class LatentEncoder(abc.ABC):
+    """Common interface of all latent encoders (see the module docstring)."""
+
+    name: str = ""
+    scale: float = 1.0
+
+    @abc.abstractmethod
+    def latent_shape(self, image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        """Latent ``(c, h, w)`` for images of shape ``(H, W, C)``."""
+
+    @abc.abstractmethod
+    def encode(self, images: ArrayLike) -> ArrayLike:
+        """uint8 NHWC images -> float32 NCHW latents (numpy in, numpy out; torch in, torch out)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: ArrayLike) -> torch.Tensor:
+        """Float NCHW latents -> uint8 NHWC torch tensor (on the latents' device)."""
+
+
+class IdentityEncoder(LatentEncoder):
+    """Pixel space: ``latent = image / 127.5 - 1`` laid out NCHW.
+
+    ``decode`` inverts it with ``clamp(round((x + 1) * 127.5), 0, 255)`` where the
+    rounding is ``torch.round`` (round half to even), so ``decode(encode(x)) == x``
+    exactly for every uint8 image.
+    """
+
+    name = "identity"
+    scale = 1.0
+
+    def latent_shape(self, image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (H, W, C), got {tuple(image_shape)}")
+        h, w, c = (int(v) for v in image_shape)
+        return (c, h, w)
+
+    def encode(self, images: ArrayLike) -> ArrayLike:
+        _check_images(images)
+        as_numpy = isinstance(images, np.ndarray)
+        x = torch.from_numpy(np.ascontiguousarray(images)) if as_numpy else images
+        latents = (x.to(torch.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+        return latents.numpy() if as_numpy else latents
+
+    def decode(self, latents: ArrayLike) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(latents)) if isinstance(latents, np.ndarray) else latents
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"decode() expects a tensor, got {type(latents).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"decode() expects NCHW latents of rank 4, got shape {tuple(x.shape)}")
+        if not torch.is_floating_point(x):
+            raise ValueError(f"decode() expects floating point latents, got dtype {x.dtype}")
+        pixels = torch.round((x.to(torch.float32) + 1.0) * 127.5).clamp_(0, 255)
+        return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return "IdentityEncoder()"
+
+
+_REGISTRY: Dict[str, Callable[..., LatentEncoder]] = {}
+
+
+def register_encoder(name: str) -> Callable[[Callable[..., LatentEncoder]], Callable[..., LatentEncoder]]:
+    """Decorator registering an encoder class or factory under ``name``."""
+
+    def decorator(factory: Callable[..., LatentEncoder]) -> Callable[..., LatentEncoder]:
+        if name in _REGISTRY:
+            raise ValueError(f"encoder {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_encoders() -> Tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_encoder(name: str, **kwargs) -> LatentEncoder:
+    """Build the encoder registered as ``name`` (e.g. ``"identity"``)."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown latent encoder {name!r}; available: {', '.join(available_encoders())}"
+        ) from None
+    return factory(**kwargs)
+
+
+register_encoder("identity")(IdentityEncoder)

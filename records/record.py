@@ -1,0 +1,127 @@
+"""Record folders: records/<track>/<date>_<slug>/ holding record.json and the run's artefacts.
+
+A record is data only. It carries everything needed to re-run and re-score the run: the full
+config, the code hash (sha256 of train.py, whose source opens train.log), the environment, the
+budget actually used, wall-clock, the metrics with their evaluation protocol, and the sha256 of
+every artefact. `load_record` validates a record and names the file and field when it is wrong.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+from pathlib import Path
+
+RECORD_FORMAT = "speedrun-record-v1"
+RECORD_FILE = "record.json"
+# field -> type; nested dicts are checked one level down by REQUIRED_NESTED
+REQUIRED_FIELDS = {
+    "format": str, "track": str, "date": str, "description": str, "contributors": list,
+    "config": dict, "code_hash": str, "environment": dict, "parameters": int,
+    "iterations": int, "global_batch": int, "images_seen": int, "wall_clock": dict,
+    "throughput": dict, "metrics": dict, "evaluation": dict, "artefacts": dict,
+}
+REQUIRED_NESTED = {
+    "wall_clock": ("train_seconds", "sample_seconds", "eval_seconds", "total_seconds"),
+    "throughput": ("iterations_per_second", "images_per_second"),
+    "artefacts": ("model", "log", "samples", "grid"),
+}
+ARTEFACT_FILES = {"model": "model.safetensors", "log": "train.log", "samples": "samples.npz",
+                  "grid": "grid.png"}
+
+
+class RecordError(ValueError):
+    pass
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def write_record(cfg, track: dict, run_dir: Path, summary: dict, code_hash: str) -> Path:
+    """Copies the run's artefacts into a new record folder and writes record.json atomically."""
+    import dataclasses
+
+    from preprocessing.shards import sha256_file
+    from train import atomic_write
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    slug = _slug(re.sub(r"^\d{4}-\d{2}-\d{2}_", "", cfg.run_name))
+    base = Path(cfg.records_dir) / track["name"]
+    record_dir = base / f"{date}_{slug}"
+    n = 2
+    while record_dir.exists():  # never overwrite a record
+        record_dir = base / f"{date}_{slug}-{n}"
+        n += 1
+    record_dir.mkdir(parents=True)
+    artefacts = {}
+    for key, name in ARTEFACT_FILES.items():
+        shutil.copyfile(run_dir / name, record_dir / name)
+        artefacts[key] = {"path": name, "sha256": sha256_file(record_dir / name)}
+    train_s = summary["train_seconds"]
+    total = train_s + summary["sample_seconds"] + summary["eval_seconds"]
+    env = summary["environment"]
+    device_hours = total / 3600 * env["world_size"] if "gpu" in env else 0.0
+    record = {
+        "format": RECORD_FORMAT, "track": track["name"], "date": date,
+        "description": cfg.description,
+        "contributors": [c.strip() for c in cfg.contributors.split(",") if c.strip()],
+        "config": dataclasses.asdict(cfg), "code_hash": code_hash, "environment": env,
+        "parameters": summary["parameters"], "iterations": summary["step"],
+        "global_batch": cfg.global_batch, "images_seen": summary["step"] * cfg.global_batch,
+        "wall_clock": {"train_seconds": round(train_s, 2), "sample_seconds": round(summary["sample_seconds"], 2),
+                       "eval_seconds": round(summary["eval_seconds"], 2), "total_seconds": round(total, 2)},
+        "gpu_hours": round(device_hours, 4),
+        "throughput": {"iterations_per_second": round(summary["step"] / train_s, 3),
+                       "images_per_second": round(summary["step"] * cfg.global_batch / train_s, 1)},
+        "metrics": summary["metrics"], "evaluation": track["evaluation"], "artefacts": artefacts,
+    }
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    atomic_write(record_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+    return record_dir
+
+
+def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
+    """Reads and validates record.json; optionally verifies every artefact's sha256."""
+    record_dir = Path(record_dir)
+    path = record_dir / RECORD_FILE if record_dir.is_dir() else record_dir
+    if not path.is_file():
+        raise RecordError(f"{path}: record file not found")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    for key, kind in REQUIRED_FIELDS.items():
+        if key not in record:
+            raise RecordError(f"{path}: missing field {key!r}")
+        if not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
+            raise RecordError(f"{path}: field {key!r} should be {kind.__name__}, "
+                              f"got {type(record[key]).__name__}")
+    if record["format"] != RECORD_FORMAT:
+        raise RecordError(f"{path}: format {record['format']!r} is not {RECORD_FORMAT!r}")
+    for key, subkeys in REQUIRED_NESTED.items():
+        for sub in subkeys:
+            if sub not in record[key]:
+                raise RecordError(f"{path}: missing field {key}.{sub}")
+    for name, metric in record["metrics"].items():
+        if not isinstance(metric, (int, float)):
+            raise RecordError(f"{path}: metric {name!r} is not a number")
+    if check_artefacts:
+        from preprocessing.shards import sha256_file
+        for key, art in record["artefacts"].items():
+            file = path.parent / art["path"]
+            if not file.is_file():
+                raise RecordError(f"{path}: artefact {key} ({file}) is missing")
+            actual = sha256_file(file)
+            if actual != art["sha256"]:
+                raise RecordError(f"{path}: artefact {key} ({file}) has sha256 {actual}, "
+                                  f"the record says {art['sha256']}")
+    return record
+
+
+def find_records(records_dir: Path) -> list[Path]:
+    """Every record folder under records/<track>/, in a stable order."""
+    return sorted(p.parent for p in Path(records_dir).glob(f"*/*/{RECORD_FILE}"))
