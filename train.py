@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from preprocessing.shards import sha256_file  # noqa: F401  (re-exported for records/)
 
 ROOT = Path(__file__).resolve().parent
 TRACKS_DIR = ROOT / "records" / "tracks"
