@@ -44,14 +44,16 @@ def check_record(record_dir: Path) -> dict:
     return record
 
 
-def reproduce(record_dir: Path, out_dir: Path | None = None) -> tuple[bool, list[tuple]]:
+def reproduce(record_dir: Path, out_dir: Path | None = None, track: str | None = None) -> tuple[bool, list[tuple]]:
     from evaluations.evaluate import evaluate_samples
     from generate import generate_to_npz
     from train import load_model, load_track
 
     record_dir = Path(record_dir)
     record = check_record(record_dir)
-    track = load_track(record["track"])
+    track = load_track(track or record["track"])
+    if track["name"] != record["track"]:
+        raise RecordError(f"{record_dir}: the record is for track {record['track']!r}, not {track['name']!r}")
     try:
         model, _ = load_model(record_dir / record["artefacts"]["model"]["path"])
     except (FileNotFoundError, ValueError) as e:
@@ -78,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("record", help="a record folder (records/<track>/<date>_<slug>)")
     parser.add_argument("--out", default=None, help="keep the regenerated samples and grid here")
+    parser.add_argument("--track", default=None, help="track name or JSON path (default: the record's track)")
     args = parser.parse_args(argv)
     try:
-        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None)
+        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None, args.track)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,43 @@
+"""Shared fixtures: a digits dataset built once per session and a tiny track that runs the
+whole loop (train -> checkpoint -> samples -> metrics -> record) in seconds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    from preprocessing.digits import build_digits
+    root = tmp_path_factory.mktemp("data") / "digits"
+    build_digits(root)
+    return root
+
+
+def make_track(path: Path, digits_dir: Path, **budget) -> Path:
+    """A copy of the digits track with a tiny budget and protocol, written to `path`."""
+    spec = json.loads((ROOT / "records" / "tracks" / "digits.json").read_text())
+    spec["name"] = "tiny"
+    spec["dataset"]["dir"] = str(digits_dir)
+    spec["budget"] = {"iterations": 6, "global_batch": 16} | budget
+    spec["train_defaults"] |= {"log_every": 2, "ckpt_every": 3, "keep_checkpoints": 5}
+    spec["evaluation"] |= {"num_samples": 20, "num_steps": 2, "inception_score_splits": 2,
+                           "kernel_distance": {"num_subsets": 5, "subset_size": 10, "seed": 0}}
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+@pytest.fixture
+def tiny_track(tmp_path, digits_dir) -> Path:
+    return make_track(tmp_path / "tiny.json", digits_dir)
+
+
+@pytest.fixture
+def run_args(tmp_path, tiny_track) -> list[str]:
+    """train.py flags that keep every output inside tmp_path."""
+    return ["--track", str(tiny_track), "--runs_dir", str(tmp_path / "runs"),
+            "--records_dir", str(tmp_path / "records"), "--leaderboard", str(tmp_path / "LEADERBOARD.md")]

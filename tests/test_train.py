@@ -1,0 +1,263 @@
+"""train.py: the model, the data order, the loss inputs, checkpoints, resume and failure paths."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from train import SiT, StepSampler, flow_matching_inputs, parse_config, parse_model_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- model --------------------------------------------------------------------------------
+def test_model_names_and_errors():
+    assert parse_model_name("SiT-B/1") == (12, 768, 12, 1)
+    assert parse_model_name("SiT-XL/2") == (28, 1152, 16, 2)
+    for bad in ("SiT-Q/2", "SiT-B/3", "DiT-B/2", "SiT-B"):
+        with pytest.raises(ValueError, match="unknown model"):
+            parse_model_name(bad)
+    with pytest.raises(ValueError, match="not divisible"):
+        SiT("SiT-Digits/4", input_size=6, in_channels=1, num_classes=10)
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_unpatchify_inverts_patch_layout(patch):
+    """The final layer's token t, slot (i, j, c) must land on pixel (gy*p+i, gx*p+j) of channel c."""
+    torch.manual_seed(0)
+    model = SiT(f"SiT-Digits/{patch}", input_size=8, in_channels=3, num_classes=10)
+    x = torch.randn(2, 3, 8, 8)
+    g = 8 // patch
+    tokens = torch.zeros(2, g * g, patch * patch * 3)
+    for gy in range(g):
+        for gx in range(g):
+            for i in range(patch):
+                for j in range(patch):
+                    for c in range(3):
+                        tokens[:, gy * g + gx, (i * patch + j) * 3 + c] = x[:, c, gy * patch + i, gx * patch + j]
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def test_forward_shape_zero_init_and_gradients():
+    torch.manual_seed(0)
+    model = SiT("SiT-Digits/2", input_size=8, in_channels=1, num_classes=10)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])  # 10 = null label
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the network starts at v = 0
+    loss = (out - x).pow(2).mean()
+    loss.backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    # zero-init opens layer by layer: output layer, then the gates, then the blocks' insides
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.step()
+        model.zero_grad()
+        (model(x, t, y) - x).pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_sincos_position_embedding_formula():
+    emb = train.sincos_pos_embed_2d(8, 3)
+    assert emb.shape == (9, 8)
+    # token (row 1, col 2): first half encodes the row, second half the column
+    omega = 1.0 / 10000 ** (np.arange(2) / 2)
+    expected = np.concatenate([np.sin(1 * omega), np.cos(1 * omega), np.sin(2 * omega), np.cos(2 * omega)])
+    np.testing.assert_allclose(emb[1 * 3 + 2].numpy(), expected, rtol=1e-6)
+
+
+# ---- data order and loss inputs -----------------------------------------------------------
+def test_step_sampler_epochs_are_permutations_and_resume_safe():
+    sampler = StepSampler(dataset_size=10, global_batch=4, seed=3)
+    stream = np.concatenate([sampler.global_indices(s) for s in range(5)])  # 20 items = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:])
+    fresh = StepSampler(dataset_size=10, global_batch=4, seed=3)  # a resumed run: no history
+    np.testing.assert_array_equal(fresh.global_indices(3), stream[12:16])
+    assert sampler.position(3) == {"epoch": 1, "index_in_epoch": 2}
+    other_seed = np.concatenate([StepSampler(10, 4, 4).global_indices(s) for s in range(5)])
+    assert not np.array_equal(other_seed, stream)
+
+
+def test_flow_matching_inputs_formula_and_dropout():
+    x0 = torch.randn(4000, 1, 2, 2)
+    y = torch.arange(4000) % 10
+    x_t, t, y_in, target = flow_matching_inputs(x0, y, 10, 0.25, train.step_generator(0, 7))
+    gen = train.step_generator(0, 7)
+    t_ref = torch.rand(4000, generator=gen, dtype=torch.float64).float()
+    eps = torch.randn(x0.shape, generator=gen)
+    torch.testing.assert_close(t, t_ref)
+    torch.testing.assert_close(x_t, (1 - t_ref.view(-1, 1, 1, 1)) * x0 + t_ref.view(-1, 1, 1, 1) * eps)
+    torch.testing.assert_close(target, eps - x0)
+    dropped = (y_in == 10)
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(y_in[~dropped], y[~dropped])
+    again = flow_matching_inputs(x0, y, 10, 0.25, train.step_generator(0, 7))
+    assert all(torch.equal(a, b) for a, b in zip(again, (x_t, t, y_in, target)))
+
+
+# ---- config -------------------------------------------------------------------------------
+def test_config_layers_defaults_track_and_flags(tiny_track):
+    cfg = parse_config(["--track", str(tiny_track), "--lr", "0.02", "--write_record", "false"])
+    assert cfg.lr == 0.02 and cfg.write_record is False
+    assert (cfg.iterations, cfg.global_batch) == (6, 16)          # from the track's budget
+    assert cfg.model == "SiT-Digits/2" and cfg.ema_decay == 0.995  # from the track's defaults
+    with pytest.raises(SystemExit):
+        parse_config(["--track", str(tiny_track), "--no_such_flag", "1"])
+    with pytest.raises(FileNotFoundError, match="known tracks"):
+        parse_config(["--track", "no_such_track"])
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def _tiny_state(seed=0):
+    torch.manual_seed(seed)
+    model = SiT("SiT-Digits/2", 8, 1, 10)
+    ema = SiT("SiT-Digits/2", 8, 1, 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])).pow(2).mean().backward()
+    opt.step()
+    return model, ema, opt
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model, ema, opt = _tiny_state()
+    cfg = train.Config()
+    path = tmp_path / "ck.safetensors"
+    train.save_checkpoint(path, model, ema, opt, 5, cfg, {"data_position": {"epoch": 0}})
+    rng_after_save = torch.get_rng_state()
+    torch.rand(10)  # move the global RNG; loading must restore it
+    model2, ema2, opt2 = _tiny_state(seed=1)
+    info = train.load_checkpoint(path, model2, ema2, opt2)
+    assert info["step"] == 5 and info["extra"]["data_position"] == {"epoch": 0}
+    assert torch.equal(torch.get_rng_state(), rng_after_save)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key])
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_missing_truncated_and_foreign_checkpoints_are_rejected(tmp_path):
+    model, ema, opt = _tiny_state()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.load_checkpoint(tmp_path / "nope.safetensors", model, ema, opt)
+    path = tmp_path / "ck.safetensors"
+    train.save_checkpoint(path, model, ema, opt, 1, train.Config(), {})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"truncated.safetensors is corrupt or truncated"):
+        train.load_checkpoint(truncated, model, ema, opt)
+    with pytest.raises(ValueError, match="has format"):
+        train.load_model(path)  # a training checkpoint is not an exported model
+    other = SiT("SiT-Digits/1", 8, 1, 10)
+    with pytest.raises(ValueError, match="do not match"):
+        train.load_checkpoint(path, other, other, torch.optim.AdamW(other.parameters()))
+
+
+# ---- the loop: train -> checkpoint -> resume ----------------------------------------------
+def _final_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(train.list_checkpoints(run_dir)[-1]))
+
+
+def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
+    full = train.parse_config(run_args + ["--run_name", "full", "--write_record", "false"])
+    summary = train.train(full)
+    assert summary["step"] == 6
+    run_dir = Path(summary["run_dir"])
+    assert [p.name for p in train.list_checkpoints(run_dir)] == ["step_00000003.safetensors",
+                                                                 "step_00000006.safetensors"]
+    # a second run that "died" after step 3: only the step-3 checkpoint survives
+    resumed_dir = tmp_path / "runs" / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(train.list_checkpoints(run_dir)[0], resumed_dir / "checkpoints")
+    shutil.copy(run_dir / "train.log", resumed_dir / "train.log")
+    resumed = train.parse_config(run_args + ["--run_name", "resumed", "--resume", "auto", "--write_record", "false"])
+    train.train(resumed)
+    a, b = _final_tensors(run_dir), _final_tensors(resumed_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key != "rng.torch_cpu":
+            assert torch.equal(a[key], b[key]), key
+    assert "resumed from" in (resumed_dir / "train.log").read_text()
+
+
+def test_resume_refuses_a_different_budget(tmp_path, run_args):
+    train.train(train.parse_config(run_args + ["--run_name", "r", "--write_record", "false"]))
+    ck = train.list_checkpoints(tmp_path / "runs" / "r")[0]
+    with pytest.raises(ValueError, match="global_batch"):
+        train.train(train.parse_config(run_args + ["--run_name", "r2", "--resume", str(ck),
+                                                    "--global_batch", "8", "--write_record", "false"]))
+
+
+def test_run_log_starts_with_source_and_environment(tmp_path, run_args):
+    summary = train.train(train.parse_config(run_args + ["--run_name", "log", "--write_record", "false"]))
+    text = (Path(summary["run_dir"]) / "train.log").read_text()
+    assert train.code_from_log(text) == (ROOT / "train.py").read_text()
+    env = text.split(train.RunLog.SEPARATOR)[1]
+    for key in ("python:", "torch:", "triton:", "device: cpu", "world_size: 1"):
+        assert key in env
+    assert "step:6/6 loss:" in text and "img/s:" in text and "grad_norm:" in text
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, run_args, monkeypatch,
+                                                                         capsys):
+    real = train.flow_matching_inputs
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        x_t, t, y, target = real(*args)
+        if calls["n"] == 5:  # step index 4, after the step-3 checkpoint
+            target = target * float("nan")
+        return x_t, t, y, target
+    monkeypatch.setattr(train, "flow_matching_inputs", poisoned)
+    assert train.main(run_args + ["--run_name", "nan"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss nan" in err and "at step 4" in err and "step_00000003" in err
+    run_dir = tmp_path / "runs" / "nan"
+    assert [p.name for p in train.list_checkpoints(run_dir)] == ["step_00000003.safetensors"]
+    assert not (run_dir / "model.safetensors").exists() and not (tmp_path / "records").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, digits_dir):
+    from conftest import make_track
+    track = make_track(tmp_path / "t.json", digits_dir, iterations=400, global_batch=8)
+    base = ["--track", str(track), "--runs_dir", str(tmp_path / "runs"), "--write_record", "false",
+            "--ckpt_every", "1000", "--log_every", "1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, "--run_name", "killed"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = tmp_path / "runs" / "killed" / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step:20/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by signal" in out
+    saved = train.list_checkpoints(tmp_path / "runs" / "killed")
+    assert len(saved) == 1
+    stopped_at = int(saved[0].stem.split("_")[1])
+    assert 20 <= stopped_at < 400
+    assert train.main(base + ["--run_name", "killed", "--resume", "auto"]) == 0
+    assert train.main(base + ["--run_name", "straight"]) == 0
+    a = _final_tensors(tmp_path / "runs" / "killed")
+    b = _final_tensors(tmp_path / "runs" / "straight")
+    for key in a:
+        if key.startswith(("model.", "ema.", "optim.")):
+            assert torch.equal(a[key], b[key]), key
