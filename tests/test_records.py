@@ -1,0 +1,141 @@
+"""Records, the leaderboard renderer and eval.sh's reproduction, on a tiny real run."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import train
+from records import leaderboard, reproduce
+from records.record import RecordError, find_records, load_record
+
+
+@pytest.fixture(scope="module")
+def tiny_record(tmp_path_factory, digits_dir):
+    from conftest import make_track
+    base = tmp_path_factory.mktemp("records_run")
+    track = make_track(base / "tiny.json", digits_dir)
+    args = ["--track", str(track), "--runs_dir", str(base / "runs"), "--records_dir", str(base / "records"),
+            "--leaderboard", str(base / "LEADERBOARD.md"), "--run_name", "2026-01-01_first",
+            "--contributors", "alice, bob"]
+    summary = train.train(train.parse_config(args))
+    return base, track, Path(summary["record_dir"])
+
+
+def _copy(tiny_record, tmp_path) -> Path:
+    _, _, record_dir = tiny_record
+    dst = tmp_path / "records" / "tiny" / record_dir.name
+    shutil.copytree(record_dir, dst)
+    return dst
+
+
+def _edit(record_dir: Path, fn) -> None:
+    path = record_dir / "record.json"
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_track_run_writes_a_complete_record(tiny_record):
+    base, _, record_dir = tiny_record
+    assert record_dir.parent == base / "records" / "tiny" and record_dir.name.endswith("_first")
+    record = load_record(record_dir, check_artefacts=True)
+    assert record["iterations"] == 6 and record["global_batch"] == 16 and record["images_seen"] == 96
+    assert record["contributors"] == ["alice", "bob"]
+    assert record["code_hash"] == train.code_hash()
+    assert record["config"]["model"] == "SiT-Digits/2" and record["environment"]["world_size"] == 1
+    assert set(record["metrics"]) >= {"fid", "is", "precision", "recall", "kd"}
+    assert record["evaluation"]["num_samples"] == 20
+    for art in record["artefacts"].values():
+        assert (record_dir / art["path"]).is_file()
+    assert f"[{record_dir.name}](records/tiny/{record_dir.name})" in (base / "LEADERBOARD.md").read_text()
+
+
+def test_non_track_runs_write_no_record(tmp_path, run_args):
+    summary = train.train(train.parse_config(run_args + ["--run_name", "short", "--iterations", "2"]))
+    assert "record_dir" not in summary and not (tmp_path / "records").exists()
+
+
+def test_load_record_names_the_file_and_field(tiny_record, tmp_path):
+    record_dir = _copy(tiny_record, tmp_path)
+    _edit(record_dir, lambda d: d.pop("global_batch"))
+    with pytest.raises(RecordError, match=r"record.json: missing field 'global_batch'"):
+        load_record(record_dir)
+    _edit(record_dir, lambda d: d.update(global_batch="16"))
+    with pytest.raises(RecordError, match="'global_batch' should be int"):
+        load_record(record_dir)
+    _edit(record_dir, lambda d: (d.update(global_batch=16), d["wall_clock"].pop("total_seconds")))
+    with pytest.raises(RecordError, match="missing field wall_clock.total_seconds"):
+        load_record(record_dir)
+    (record_dir / "record.json").write_text("{not json")
+    with pytest.raises(RecordError, match="not valid JSON"):
+        load_record(record_dir)
+
+
+def test_tampered_or_missing_artefacts_are_detected(tiny_record, tmp_path):
+    record_dir = _copy(tiny_record, tmp_path)
+    load_record(record_dir, check_artefacts=True)
+    with open(record_dir / "model.safetensors", "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    with pytest.raises(RecordError, match=r"artefact model .* has sha256"):
+        load_record(record_dir, check_artefacts=True)
+    (record_dir / "samples.npz").unlink()
+    (record_dir / "model.safetensors").write_bytes((tiny_record[2] / "model.safetensors").read_bytes())
+    with pytest.raises(RecordError, match="artefact samples .* is missing"):
+        load_record(record_dir, check_artefacts=True)
+
+
+def test_leaderboard_is_rendered_from_records_deterministically(tiny_record, tmp_path):
+    first = _copy(tiny_record, tmp_path)
+    second = first.with_name("2026-01-02_better")
+    shutil.copytree(first, second)
+    _edit(second, lambda d: d["metrics"].update(fid=d["metrics"]["fid"] / 2))
+    _edit(second, lambda d: d.update(description="better | run"))
+    text = leaderboard.render_markdown(tmp_path / "records")
+    assert text == leaderboard.render_markdown(tmp_path / "records")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "tiny/" in line]
+    assert rows[0].startswith("| 1 |") and "2026-01-02_better" in rows[0] and "better / run" in rows[0]
+    assert rows[1].startswith("| 2 |") and first.name in rows[1]
+    assert "alice, bob" in rows[1]
+    out = tmp_path / "LEADERBOARD.md"
+    assert leaderboard.main(["--records", str(tmp_path / "records"), "--out", str(out)]) == 0
+    assert leaderboard.main(["--records", str(tmp_path / "records"), "--out", str(out), "--check"]) == 0
+    out.write_text(out.read_text() + "hand edit\n")
+    assert leaderboard.main(["--records", str(tmp_path / "records"), "--out", str(out), "--check"]) == 1
+    assert [p.name for p in find_records(tmp_path / "records")] == sorted([first.name, second.name])
+
+
+def test_reproduction_verdicts(tiny_record, tmp_path, capsys):
+    _, track, _ = tiny_record
+    record_dir = _copy(tiny_record, tmp_path)
+    assert reproduce.main([str(record_dir), "--track", str(track)]) == 0
+    assert "REPRODUCED" in capsys.readouterr().out
+    # an edited metric no longer reproduces
+    _edit(record_dir, lambda d: d["metrics"].update(fid=d["metrics"]["fid"] * 1.5 + 1))
+    assert reproduce.main([str(record_dir), "--track", str(track)]) == 1
+    assert "NOT REPRODUCED" in capsys.readouterr().out
+
+
+def test_reproduction_refuses_invalid_records(tiny_record, tmp_path, capsys):
+    _, track, original = tiny_record
+    record_dir = _copy(tiny_record, tmp_path)
+    # code hash that does not match the code in the log
+    _edit(record_dir, lambda d: d.update(code_hash="0" * 64))
+    assert reproduce.main([str(record_dir), "--track", str(track)]) == 2
+    assert "is not the sha256 of the train.py embedded in its run log" in capsys.readouterr().err
+    # a pickled checkpoint is refused even with a matching checksum
+    shutil.copy(original / "record.json", record_dir / "record.json")
+    (record_dir / "model.safetensors").rename(record_dir / "model.pt")
+    _edit(record_dir, lambda d: d["artefacts"]["model"].update(path="model.pt"))
+    assert reproduce.main([str(record_dir), "--track", str(track)]) == 2
+    assert "model.pt is not a .safetensors file" in capsys.readouterr().err
+    # a record of another track
+    shutil.copy(original / "record.json", record_dir / "record.json")
+    (record_dir / "model.pt").rename(record_dir / "model.safetensors")
+    assert reproduce.main([str(record_dir), "--track", "digits"]) == 2
+    assert "is for track 'tiny'" in capsys.readouterr().err
