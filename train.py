@@ -437,7 +437,7 @@ def environment_report(accelerator) -> dict:
     import accelerate
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "accelerate": accelerate.__version__, "platform": platform.platform(),
-           "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+           "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(),
            "device": str(accelerator.device), "world_size": accelerator.num_processes,
            "mixed_precision": accelerator.mixed_precision}
     try:
@@ -477,6 +477,16 @@ class RunLog:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(text + "\n")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _nvidia_smi() -> str:
@@ -587,6 +597,7 @@ def train(cfg: Config) -> dict:
               f"{cfg.iterations} iterations x global batch {cfg.global_batch} on {world} x {accelerator.device}; "
               f"run dir {run_dir}", flush=True)
 
+    tracker = start_wandb(cfg, run_dir) if is_main else None
     stop_requested = {"signal": None}
     def request_stop(signum, _frame):
         stop_requested["signal"] = signum
@@ -604,6 +615,7 @@ def train(cfg: Config) -> dict:
     rank_slice = slice(accelerator.process_index * local_batch, (accelerator.process_index + 1) * local_batch)
     model.train()
     train_seconds, window_start, window_step = 0.0, time.perf_counter(), start_step
+    run_start = window_start
     bar = tqdm(total=cfg.iterations, initial=start_step, disable=not is_main, desc="train",
                dynamic_ncols=True, mininterval=1.0)
     step = start_step
@@ -638,8 +650,12 @@ def train(cfg: Config) -> dict:
                 its = (step - window_step) / max(now - window_start, 1e-9)
                 window_start, window_step = now, step
                 line = (f"step:{step}/{cfg.iterations} loss:{loss_value:.4f} grad_norm:{float(grad_norm):.3f} "
-                        f"it/s:{its:.2f} img/s:{its * cfg.global_batch:.1f} train_time:{train_seconds:.1f}s")
+                        f"it/s:{its:.2f} img/s:{its * cfg.global_batch:.1f} train_time:{train_seconds:.1f}s "
+                        f"elapsed:{now - run_start:.1f}s")
                 log.line(line)
+                if tracker:
+                    tracker.log({"loss": loss_value, "grad_norm": float(grad_norm), "it_per_s": its,
+                                 "images_per_s": its * cfg.global_batch}, step=step)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 if is_main:
                     tqdm.write(line)
@@ -653,6 +669,8 @@ def train(cfg: Config) -> dict:
     finally:
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
+        if tracker:
+            tracker.finish()
 
     checkpoint(step)
     log.line(f"training done: {step} iterations, train_time:{train_seconds:.1f}s")
@@ -663,6 +681,18 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     summary |= finish_run(cfg, track, run_dir, ema, accelerator, log, summary)
     return summary
+
+
+def start_wandb(cfg: Config, run_dir: Path):
+    """Optional Weights & Biases logging; offline (files under the run dir) unless asked."""
+    if cfg.wandb == "off":
+        return None
+    if cfg.wandb not in ("offline", "online"):
+        raise ValueError(f"--wandb must be off, offline or online, not {cfg.wandb!r}")
+    import wandb
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project="diffusion-speedrun", name=cfg.run_name, mode=cfg.wandb, dir=str(run_dir),
+                      config=dataclasses.asdict(cfg))
 
 
 def _resolve_resume(cfg: Config, run_dir: Path) -> Path | None:

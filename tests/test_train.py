@@ -261,3 +261,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, di
     for key in a:
         if key.startswith(("model.", "ema.", "optim.")):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_wandb_logging_is_offline_and_optional(tmp_path, run_args):
+    summary = train.train(train.parse_config(run_args + ["--run_name", "wb", "--wandb", "offline",
+                                                         "--write_record", "false"]))
+    runs = list((Path(summary["run_dir"]) / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    with pytest.raises(ValueError, match="--wandb must be"):
+        train.train(train.parse_config(run_args + ["--run_name", "wb2", "--wandb", "cloud"]))
