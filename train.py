@@ -457,12 +457,12 @@ class RunLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
-    def start(self, env: dict, cfg: Config, track: dict, n_params: int) -> None:
+    def start(self, source: str, env: dict, cfg: Config, track: dict, n_params: int) -> None:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w") as fh:
-            fh.write(Path(__file__).read_text())
+            fh.write(source)
             fh.write(f"\n{self.SEPARATOR}\n")
             for key, value in env.items():
                 fh.write(f"{key}: {value}\n")
@@ -504,8 +504,9 @@ def code_from_log(log_text: str) -> str:
     return log_text.split(marker, 1)[0]
 
 
-def code_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+def code_hash(source: str) -> str:
+    """sha256 of train.py's source as the run log embeds it."""
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 # =============================================================================================
@@ -541,6 +542,7 @@ def train(cfg: Config) -> dict:
 
     from preprocessing.shards import ShardDataset
 
+    source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
     track = load_track(cfg.track)
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
@@ -572,11 +574,11 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
 
-    start_step = 0
+    start_step, train_seconds = 0, 0.0
     resume_path = _resolve_resume(cfg, run_dir)
     if resume_path:
         state = load_checkpoint(resume_path, model, ema, optimizer)
-        start_step = state["step"]
+        start_step, train_seconds = state["step"], state["extra"].get("train_seconds", 0.0)
         prior = state["config"]
         for key in ("model", "global_batch", "seed", "iterations", "track"):
             if prior[key] != getattr(cfg, key):
@@ -588,10 +590,10 @@ def train(cfg: Config) -> dict:
     num_classes = track["dataset"]["num_classes"]
 
     env = environment_report(accelerator)
+    if not (resume_path and log.path.exists()):
+        log.start(source, env, cfg, track, n_params)
     if resume_path:
         log.line(f"resumed from {resume_path} at step {start_step}")
-    else:
-        log.start(env, cfg, track, n_params)
     if is_main:
         print(f"[train] track {track['name']}: {cfg.model} ({n_params / 1e6:.2f}M parameters), "
               f"{cfg.iterations} iterations x global batch {cfg.global_batch} on {world} x {accelerator.device}; "
@@ -607,14 +609,15 @@ def train(cfg: Config) -> dict:
         if is_main:
             path = run_dir / "checkpoints" / f"step_{step:08d}.safetensors"
             save_checkpoint(path, accelerator.unwrap_model(model), ema, optimizer, step, cfg,
-                            {"data_position": sampler.position(step), "world_size": world})
+                            {"data_position": sampler.position(step), "world_size": world,
+                             "train_seconds": train_seconds})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 old.unlink()
         accelerator.wait_for_everyone()
 
     rank_slice = slice(accelerator.process_index * local_batch, (accelerator.process_index + 1) * local_batch)
     model.train()
-    train_seconds, window_start, window_step = 0.0, time.perf_counter(), start_step
+    window_start, window_step = time.perf_counter(), start_step
     run_start = window_start
     bar = tqdm(total=cfg.iterations, initial=start_step, disable=not is_main, desc="train",
                dynamic_ncols=True, mininterval=1.0)
@@ -675,7 +678,7 @@ def train(cfg: Config) -> dict:
     checkpoint(step)
     log.line(f"training done: {step} iterations, train_time:{train_seconds:.1f}s")
     summary = {"run_dir": str(run_dir), "step": step, "train_seconds": train_seconds,
-               "parameters": n_params, "environment": env}
+               "parameters": n_params, "environment": env, "code_hash": code_hash(source)}
     if is_main:
         export_model(run_dir / "model.safetensors", ema, cfg, track)
     accelerator.wait_for_everyone()
@@ -733,7 +736,7 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
         if cfg.write_record and official:
             from records.record import write_record
             from records.leaderboard import render_leaderboard
-            record_dir = write_record(cfg, track, run_dir, summary | out, code_hash())
+            record_dir = write_record(cfg, track, run_dir, summary | out)
             render_leaderboard(Path(cfg.records_dir), Path(cfg.leaderboard))
             out["record_dir"] = str(record_dir)
             print(f"[train] record written to {record_dir}; {cfg.leaderboard} re-rendered", flush=True)

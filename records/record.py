@@ -39,7 +39,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
 
-def write_record(cfg, track: dict, run_dir: Path, summary: dict, code_hash: str) -> Path:
+def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
     """Copies the run's artefacts into a new record folder and writes record.json atomically."""
     import dataclasses
 
@@ -67,7 +67,7 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict, code_hash: str)
         "format": RECORD_FORMAT, "track": track["name"], "date": date,
         "description": cfg.description,
         "contributors": [c.strip() for c in cfg.contributors.split(",") if c.strip()],
-        "config": dataclasses.asdict(cfg), "code_hash": code_hash, "environment": env,
+        "config": dataclasses.asdict(cfg), "code_hash": summary["code_hash"], "environment": env,
         "parameters": summary["parameters"], "iterations": summary["step"],
         "global_batch": cfg.global_batch, "images_seen": summary["step"] * cfg.global_batch,
         "wall_clock": {"train_seconds": round(train_s, 2), "sample_seconds": round(summary["sample_seconds"], 2),
