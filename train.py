@@ -291,17 +291,22 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
-def flow_matching_inputs(x0: torch.Tensor, y: torch.Tensor, num_classes: int, class_dropout: float,
-                         gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Draws t ~ U(0,1), eps ~ N(0,I) and label dropout for a GLOBAL batch (on CPU, from gen)."""
-    b = x0.shape[0]
-    t = torch.rand(b, generator=gen, dtype=torch.float64).float()
-    eps = torch.randn(x0.shape, generator=gen)
-    drop = torch.rand(b, generator=gen) < class_dropout
-    y = torch.where(drop, torch.full_like(y, num_classes), y)
-    tb = t.view(b, *([1] * (x0.dim() - 1)))
+def draw_step_noise(gen: torch.Generator, global_batch: int, sample_shape: tuple,
+                    class_dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t ~ U(0,1), eps ~ N(0,I) and the label-dropout mask for the GLOBAL batch, on CPU; every
+    rank draws the same numbers and takes its slice, so training does not depend on the rank count."""
+    t = torch.rand(global_batch, generator=gen, dtype=torch.float64).float()
+    eps = torch.randn((global_batch, *sample_shape), generator=gen)
+    drop = torch.rand(global_batch, generator=gen) < class_dropout
+    return t, eps, drop
+
+
+def flow_matching_inputs(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                         drop: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
+    """Linear path x_t = (1-t) x0 + t eps, velocity target eps - x0, dropped labels -> null class."""
+    tb = t.view(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - tb) * x0 + tb * eps
-    return x_t, t, y, eps - x0
+    return x_t, torch.where(drop, torch.full_like(y, num_classes), y), eps - x0
 
 
 # =============================================================================================
@@ -588,6 +593,7 @@ def train(cfg: Config) -> dict:
     ema.to(accelerator.device)
     sampler = StepSampler(len(dataset), cfg.global_batch, cfg.seed)
     num_classes = track["dataset"]["num_classes"]
+    latent_shape = tuple(track["dataset"]["latent_shape"])
 
     env = environment_report(accelerator)
     if not (resume_path and log.path.exists()):
@@ -625,13 +631,14 @@ def train(cfg: Config) -> dict:
     try:
         while step < cfg.iterations:
             t0 = time.perf_counter()
-            idx = sampler.global_indices(step)
+            idx = sampler.global_indices(step)[rank_slice]  # this rank reads only its own samples
+            t, eps, drop = (v[rank_slice] for v in draw_step_noise(step_generator(cfg.seed, step),
+                                                                  cfg.global_batch, latent_shape, cfg.class_dropout))
             x0 = torch.from_numpy(dataset.get_latents(idx))
             y = torch.from_numpy(dataset.labels[idx].astype(np.int64))
-            x_t, t, y_in, target = flow_matching_inputs(x0, y, num_classes, cfg.class_dropout,
-                                                        step_generator(cfg.seed, step))
-            dev = accelerator.device
-            x_t, t, y_in, target = (v[rank_slice].to(dev) for v in (x_t, t, y_in, target))
+            x_t, y_in, target = (v.to(accelerator.device) for v in
+                                 flow_matching_inputs(x0, y, t, eps, drop, num_classes))
+            t = t.to(accelerator.device)
             with accelerator.autocast():
                 pred = model(x_t, t, y_in)
             loss = F.mse_loss(pred.float(), target)
@@ -664,7 +671,7 @@ def train(cfg: Config) -> dict:
                     tqdm.write(line)
             if step % cfg.ckpt_every == 0 and step < cfg.iterations:
                 checkpoint(step)
-            if stop_requested["signal"] is not None:
+            if stop_signal_received(stop_requested["signal"] is not None, accelerator):
                 checkpoint(step)
                 log.line(f"stopped by signal {stop_requested['signal']} at step {step}; checkpoint saved")
                 raise SystemExit(f"stopped by signal at step {step}; resume with --resume auto "
@@ -684,6 +691,14 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     summary |= finish_run(cfg, track, run_dir, ema, accelerator, log, summary)
     return summary
+
+
+def stop_signal_received(local: bool, accelerator) -> bool:
+    """True on every rank when any rank got SIGTERM, so all ranks stop at the same step."""
+    if accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor([int(local)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
 def start_wandb(cfg: Config, run_dir: Path):
