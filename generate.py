@@ -246,7 +246,6 @@ def nfe(sampler: Union[str, SamplerSpec], num_steps: int) -> int:
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 

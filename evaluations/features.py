@@ -14,10 +14,12 @@ register themselves with :func:`register_feature_extractor` as well.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+from preprocessing.registry import Registry
 
 __all__ = [
     "FeatureExtractor",
@@ -124,34 +126,10 @@ class DigitsFeatureExtractor(FeatureExtractor):
         return {k: out[k].detach().to("cpu", torch.float64).numpy() for k in self.feature_names}
 
 
-_REGISTRY: Dict[str, Callable[..., FeatureExtractor]] = {}
-
-
-def register_feature_extractor(name: str):
-    """Decorator registering a FeatureExtractor class or factory under ``name``."""
-
-    def decorator(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"feature extractor {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def available_feature_extractors() -> Tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-def get_feature_extractor(name: str, **kwargs) -> FeatureExtractor:
-    """Build the extractor registered as ``name`` (e.g. ``"digits_net"``)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown feature extractor {name!r}; available: {', '.join(available_feature_extractors())}"
-        ) from None
-    return factory(**kwargs)
+_REGISTRY: Registry[FeatureExtractor] = Registry("feature extractor")
+register_feature_extractor = _REGISTRY.register
+available_feature_extractors = _REGISTRY.names
+get_feature_extractor = _REGISTRY.build  # e.g. get_feature_extractor("digits_net")
 
 
 register_feature_extractor("digits_net")(DigitsFeatureExtractor)

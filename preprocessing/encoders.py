@@ -18,10 +18,12 @@ INVAE for ImageNet) register themselves here as well.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Dict, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 import torch
+
+from preprocessing.registry import Registry
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -109,34 +111,10 @@ class IdentityEncoder(LatentEncoder):
         return "IdentityEncoder()"
 
 
-_REGISTRY: Dict[str, Callable[..., LatentEncoder]] = {}
-
-
-def register_encoder(name: str) -> Callable[[Callable[..., LatentEncoder]], Callable[..., LatentEncoder]]:
-    """Decorator registering an encoder class or factory under ``name``."""
-
-    def decorator(factory: Callable[..., LatentEncoder]) -> Callable[..., LatentEncoder]:
-        if name in _REGISTRY:
-            raise ValueError(f"encoder {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def available_encoders() -> Tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-def get_encoder(name: str, **kwargs) -> LatentEncoder:
-    """Build the encoder registered as ``name`` (e.g. ``"identity"``)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown latent encoder {name!r}; available: {', '.join(available_encoders())}"
-        ) from None
-    return factory(**kwargs)
+_REGISTRY: Registry[LatentEncoder] = Registry("latent encoder")
+register_encoder = _REGISTRY.register
+available_encoders = _REGISTRY.names
+get_encoder = _REGISTRY.build  # e.g. get_encoder("identity")
 
 
 register_encoder("identity")(IdentityEncoder)
