@@ -43,6 +43,14 @@ MODEL_FORMAT = "speedrun-model-v1"
 # =============================================================================================
 # Config
 # =============================================================================================
+class ConfigError(ValueError):
+    """A bad flag, track file or resume request."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file that is corrupt, truncated or of the wrong kind."""
+
+
 @dataclass
 class Config:
     # track: a name under records/tracks/ or a path to a track JSON file
@@ -89,7 +97,7 @@ MODEL_ZOO = {  # name -> (depth, hidden size, heads); DiT/SiT sizes, plus the di
 def parse_model_name(name: str) -> tuple[int, int, int, int]:
     match = re.fullmatch(r"SiT-([A-Za-z]+)/(\d)", name)
     if not match or match.group(1) not in MODEL_ZOO or int(match.group(2)) not in (1, 2, 4):
-        raise ValueError(f"unknown model {name!r}: expected SiT-<{'|'.join(MODEL_ZOO)}>/<1|2|4>")
+        raise ConfigError(f"unknown model {name!r}: expected SiT-<{'|'.join(MODEL_ZOO)}>/<1|2|4>")
     depth, hidden, heads = MODEL_ZOO[match.group(1)]
     return depth, hidden, heads, int(match.group(2))
 
@@ -103,10 +111,10 @@ def load_track(track: str) -> dict:
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"track file {path} is not valid JSON: {e}") from e
+        raise ConfigError(f"track file {path} is not valid JSON: {e}") from e
     for key in ("name", "dataset", "budget", "train_defaults", "evaluation", "primary_metric"):
         if key not in spec:
-            raise ValueError(f"track file {path} lacks the field {key!r}")
+            raise ConfigError(f"track file {path} lacks the field {key!r}")
     return spec
 
 
@@ -123,7 +131,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values.update({k: v for k, v in args.items() if v is not None})
     unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
-        raise ValueError(f"track {track['name']!r} train_defaults has unknown fields {sorted(unknown)}")
+        raise ConfigError(f"track {track['name']!r} train_defaults has unknown fields {sorted(unknown)}")
     cfg = Config(**values)
     cfg.iterations = cfg.iterations or track["budget"]["iterations"]
     cfg.global_batch = cfg.global_batch or track["budget"]["global_batch"]
@@ -229,7 +237,7 @@ class SiT(nn.Module):
         super().__init__()
         depth, hidden, heads, patch = parse_model_name(model)
         if input_size % patch:
-            raise ValueError(f"input size {input_size} is not divisible by patch size {patch}")
+            raise ConfigError(f"input size {input_size} is not divisible by patch size {patch}")
         self.model_name, self.num_classes = model, num_classes
         self.in_channels, self.patch, self.input_size = in_channels, patch, input_size
         self.grid = input_size // patch
@@ -380,10 +388,10 @@ def read_safetensors(path: Path, expected_format: str) -> tuple[dict, dict]:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:  # safetensors raises several types for truncated/corrupt headers
-        raise ValueError(f"checkpoint {path} is corrupt or truncated (not a readable safetensors "
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a readable safetensors "
                          f"file): {e}") from e
     if metadata.get("format") != expected_format:
-        raise ValueError(f"checkpoint {path} has format {metadata.get('format')!r}, "
+        raise CheckpointError(f"checkpoint {path} has format {metadata.get('format')!r}, "
                          f"expected {expected_format!r}")
     return tensors, metadata
 
@@ -396,7 +404,7 @@ def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
         try:
             module.load_state_dict(section(prefix), strict=True)
         except RuntimeError as e:
-            raise ValueError(f"checkpoint {path}: {prefix[:-1]} weights do not match the model: {e}") from e
+            raise CheckpointError(f"checkpoint {path}: {prefix[:-1]} weights do not match the model: {e}") from e
     by_name = dict(model.named_parameters())
     optim_state = section("optim.")
     for p_name, p in by_name.items():
@@ -427,7 +435,7 @@ def load_model(path: Path) -> tuple[SiT, dict]:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"model file {path}: weights do not match {metadata['model']}: {e}") from e
+        raise CheckpointError(f"model file {path}: weights do not match {metadata['model']}: {e}") from e
     return model.eval(), metadata
 
 
@@ -518,7 +526,7 @@ def code_hash(source: str) -> str:
 # Training
 # =============================================================================================
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss or gradient norm became NaN/Inf; the step was not applied."""
 
 
 def make_accelerator(cfg: Config):
@@ -553,7 +561,7 @@ def train(cfg: Config) -> dict:
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     if cfg.global_batch % world:
-        raise ValueError(f"global batch {cfg.global_batch} is not divisible by {world} processes")
+        raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes")
     local_batch = cfg.global_batch // world
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -575,7 +583,7 @@ def train(cfg: Config) -> dict:
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")
     if cap and n_params > cap:
-        raise ValueError(f"{cfg.model} has {n_params} parameters, over the track's cap of {cap}")
+        raise ConfigError(f"{cfg.model} has {n_params} parameters, over the track's cap of {cap}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
 
@@ -587,7 +595,7 @@ def train(cfg: Config) -> dict:
         prior = state["config"]
         for key in ("model", "global_batch", "seed", "iterations", "track"):
             if prior[key] != getattr(cfg, key):
-                raise ValueError(f"cannot resume {resume_path}: it was trained with {key}={prior[key]!r}, "
+                raise ConfigError(f"cannot resume {resume_path}: it was trained with {key}={prior[key]!r}, "
                                  f"this run has {getattr(cfg, key)!r}")
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
@@ -706,7 +714,7 @@ def start_wandb(cfg: Config, run_dir: Path):
     if cfg.wandb == "off":
         return None
     if cfg.wandb not in ("offline", "online"):
-        raise ValueError(f"--wandb must be off, offline or online, not {cfg.wandb!r}")
+        raise ConfigError(f"--wandb must be off, offline or online, not {cfg.wandb!r}")
     import wandb
     run_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(project="diffusion-speedrun", name=cfg.run_name, mode=cfg.wandb, dir=str(run_dir),
@@ -764,10 +772,10 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    from preprocessing.shards import ShardFormatError
     try:
-        train(cfg)
-    except NonFiniteLoss as e:
+        train(parse_config(argv))
+    except (NonFiniteLoss, ConfigError, CheckpointError, FileNotFoundError, ShardFormatError) as e:
         print(f"[train] error: {e}", file=sys.stderr)
         return 1
     return 0

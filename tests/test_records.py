@@ -139,3 +139,11 @@ def test_reproduction_refuses_invalid_records(tiny_record, tmp_path, capsys):
     (record_dir / "model.pt").rename(record_dir / "model.safetensors")
     assert reproduce.main([str(record_dir), "--track", "digits"]) == 2
     assert "is for track 'tiny'" in capsys.readouterr().err
+
+
+def test_reproduction_of_a_record_missing_a_field_exits_2(tiny_record, tmp_path, capsys):
+    _, track, _ = tiny_record
+    record_dir = _copy(tiny_record, tmp_path)
+    _edit(record_dir, lambda d: d.pop("metrics"))
+    assert reproduce.main([str(record_dir), "--track", str(track)]) == 2
+    assert "record.json: missing field 'metrics'" in capsys.readouterr().err

@@ -291,3 +291,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_track):
         if key.startswith(("model.", "ema.")):
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     assert "world_size: 2" in (tmp_path / "runs" / "two" / "train.log").read_text()
+
+
+def test_cli_reports_bad_resume_files_and_flags_without_a_traceback(tmp_path, run_args, capsys):
+    missing = tmp_path / "missing.safetensors"
+    assert train.main(run_args + ["--run_name", "m", "--resume", str(missing)]) == 1
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    assert train.main(run_args + ["--run_name", "c", "--resume", str(truncated)]) == 1
+    assert "cut.safetensors is corrupt or truncated" in capsys.readouterr().err
+    assert train.main(run_args + ["--run_name", "b", "--model", "SiT-Q/2"]) == 1
+    assert "unknown model 'SiT-Q/2'" in capsys.readouterr().err
