@@ -49,16 +49,16 @@ def shift_time(t, shift: float):
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def time_shift_for_shape(latent_shape: Sequence[int]) -> float:
-    """SR-DiT shift for a latent of shape ``(C, H, W)``: ``sqrt(C*H*W / 4096)``.
+def time_shift_for_shape(latent_shape: Sequence[int], base: float = 4096.0) -> float:
+    """SR-DiT shift for a latent of shape ``(C, H, W)``: ``sqrt(C*H*W / base)``, base 4096.
 
-    A 4x32x32 latent (SD-VAE at 256px) gives 1.0 (no shift).
+    A 4x32x32 latent (SD-VAE at 256px) gives 1.0 (no shift); INVAE's 32x16x16 gives sqrt(2).
     """
     shape = tuple(int(d) for d in latent_shape)
     if len(shape) != 3:
         raise ValueError(f"latent_shape must be (C, H, W), got {shape}")
     c, h, w = shape
-    return math.sqrt(c * h * w / 4096.0)
+    return math.sqrt(c * h * w / float(base))
 
 
 def ode_time_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -270,20 +270,39 @@ def sample_labels(indices: Sequence[int], num_classes: int, mode: str, seed: int
     raise ValueError(f"unknown label mode {mode!r}: expected 'balanced' or 'random'")
 
 
-def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, scale: float = 1.0,
-                    interval: Sequence[float] = (0.0, 1.0)) -> VelocityFn:
-    """Classifier-free guidance v_u + w (v_c - v_u), applied only for t in [low, high]
-    (the guidance interval); outside it, and for w = 1, the conditional velocity alone."""
-    low, high = interval
-    null = torch.full_like(y, num_classes)
+def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, latent_shape: Sequence[int],
+                    scale: float = 1.0, interval: Sequence[float] = (0.0, 1.0), cls_scale: Optional[float] = None,
+                    path_drop_guidance: bool = False, reg_dim: int = 0) -> VelocityFn:
+    """The velocity of the packed state z = [latent (flattened), REG class token (reg_dim)].
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_now = float(t[0])
-        if scale == 1.0 or not (low <= t_now <= high):
-            return model(x, t, y).to(x.dtype)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).to(x.dtype)
-        cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+    Classifier-free guidance v_u + w (v_c - v_u) with w = `scale` on the latent and `cls_scale`
+    (default: scale) on the class token, applied only for t in [low, high] (the guidance
+    interval); outside it, and when both scales are 1, the conditional velocity alone.
+    The unconditional branch uses the null label, and with `path_drop_guidance` also SPRINT's
+    path drop (SR-DiT's path-drop guidance)."""
+    from train import Routing
+
+    low, high = interval
+    cls_scale = scale if cls_scale is None else cls_scale
+    null = torch.full_like(y, num_classes)
+    n = math.prod(latent_shape)
+
+    def call(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, path_drop: bool) -> torch.Tensor:
+        x = z[:, :n].reshape(-1, *latent_shape)
+        out = model(x, t, labels, cls_t=z[:, n:] if reg_dim else None, routing=Routing(path_drop=path_drop))
+        parts = [out["v"].flatten(1)] + ([out["cls_v"]] if reg_dim else [])
+        return torch.cat(parts, dim=1).to(z.dtype)
+
+    weights = torch.cat([torch.full((n,), float(scale)), torch.full((reg_dim,), float(cls_scale))])
+
+    def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if (scale == 1.0 and cls_scale == 1.0) or not (low <= float(t[0]) <= high):
+            return call(z, t, y, False)
+        if path_drop_guidance:
+            cond, uncond = call(z, t, y, False), call(z, t, null, True)
+        else:
+            cond, uncond = call(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), False).chunk(2)
+        return uncond + weights.to(z.device, z.dtype) * (cond - uncond)
     return velocity
 
 
@@ -291,21 +310,29 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, s
 def sample_latents(model: torch.nn.Module, indices: Sequence[int], latent_shape: Sequence[int],
                    num_classes: int, protocol: dict, device: Union[str, torch.device] = "cpu",
                    progress: ProgressFn = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples the given global indices in one batch; returns (latents fp32 CPU, labels)."""
+    """Samples the given global indices in one batch; returns (latents fp32 CPU, labels).
+    With REG the class-token latent is integrated jointly and then discarded; the time grid is
+    shifted when the model was trained with a time shift."""
+    opts = getattr(model, "opts", None)
+    reg_dim = opts.reg_dim if opts is not None else 0
+    shift_base = opts.time_shift_base if opts is not None else 0.0
     spec = SAMPLERS[protocol["sampler"]]
     seed = int(protocol["seed"])
+    dim = math.prod(latent_shape) + reg_dim
     gens = [sample_generator(seed, int(i)) for i in indices]
-    x1 = torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in gens]).to(device)
+    z1 = torch.stack([torch.randn(dim, generator=g) for g in gens]).to(device)
     y = sample_labels(indices, num_classes, protocol.get("labels", "balanced"), seed).to(device)
-    velocity = guided_velocity(model, y, num_classes, float(protocol.get("guidance_scale", 1.0)),
-                               protocol.get("guidance_interval", (0.0, 1.0)))
-    shift = time_shift_for_shape(latent_shape) if protocol.get("time_shift", False) else 1.0
+    velocity = guided_velocity(model, y, num_classes, latent_shape, float(protocol.get("guidance_scale", 1.0)),
+                               protocol.get("guidance_interval", (0.0, 1.0)), protocol.get("cls_guidance_scale"),
+                               bool(protocol.get("path_drop_guidance", False)), reg_dim)
+    shift = time_shift_for_shape(latent_shape, shift_base) if shift_base > 0 else 1.0
     kwargs = dict(num_steps=int(protocol["num_steps"]), shift=shift, progress=progress)
     if spec.stochastic:
         def noise(_step: int) -> torch.Tensor:
-            return torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in gens]).to(device)
+            return torch.stack([torch.randn(dim, generator=g) for g in gens]).to(device)
         kwargs.update(noise_fn=noise, t_last=float(protocol.get("t_last", 0.04)))
-    return spec.fn(velocity, x1, **kwargs).float().cpu(), y.cpu()
+    z = spec.fn(velocity, z1, **kwargs).float().cpu()
+    return z[:, :math.prod(latent_shape)].reshape(-1, *latent_shape), y.cpu()
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> range:

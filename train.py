@@ -13,6 +13,7 @@ reproduces the run (as modded-nanogpt's logs do).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -25,13 +26,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from generate import shift_time, time_shift_for_shape
 
 
 ROOT = Path(__file__).resolve().parent
@@ -51,38 +54,64 @@ class CheckpointError(ValueError):
     """A checkpoint or model file that is corrupt, truncated or of the wrong kind."""
 
 
+def flag(default, help: str):
+    """A Config field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    # track: a name under records/tracks/ or a path to a track JSON file
-    track: str = "digits"
-    data_dir: str = ""                 # empty: the track's dataset directory
-    # model
-    model: str = "SiT-S/2"             # SiT-{S,B,L,XL}/{1,2,4} or a small preset, see MODEL_ZOO
-    class_dropout: float = 0.1         # label dropout, enables classifier-free guidance
-    # optimisation
-    iterations: int = 0                # 0: the track's budget
-    global_batch: int = 0              # 0: the track's budget
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    seed: int = 0
-    mixed_precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | no | bf16
-    # bookkeeping
-    run_name: str = ""                 # empty: <date>_<model>_<seed>
-    runs_dir: str = "runs"
-    records_dir: str = "records"
-    leaderboard: str = "LEADERBOARD.md"
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = ""                   # a checkpoint path, or "auto" (latest in the run dir)
-    description: str = "baseline SiT"
-    contributors: str = ""
-    write_record: bool = True
-    wandb: str = "off"                 # off | offline | online
+    # ---- track and data
+    track: str = flag("digits", "a track name under records/tracks/ or a path to a track JSON file")
+    data_dir: str = flag("", "dataset shards; empty: the track's dataset directory")
+    # ---- model
+    model: str = flag("SiT-S/2", "SiT-{S,B,L,XL,Digits}/{1,2,4}")
+    class_dropout: float = flag(0.1, "label dropout probability (enables classifier-free guidance)")
+    # ---- SR-DiT components: each absent when off; all off is a plain SiT with LayerNorm
+    norm: str = flag("layernorm", "layernorm | rmsnorm (no affine, eps 1e-6) in blocks and final layer")
+    rope: bool = flag(False, "2D axial rotary position embedding on q and k")
+    qk_norm: bool = flag(False, "RMSNorm with affine weight on q and k (per head)")
+    value_residual: bool = flag(False, "mix block 0's values into every later block, lambda init 0.5")
+    sprint: bool = flag(False, "SPRINT token routing: dense -> sparse -> dense blocks")
+    sprint_dense_in: int = flag(2, "SPRINT: dense blocks before the sparse part")
+    sprint_dense_out: int = flag(2, "SPRINT: dense blocks after the fusion")
+    sprint_drop_ratio: float = flag(0.75, "SPRINT: share of patch tokens dropped in the sparse part (training)")
+    sprint_path_drop: float = flag(0.05, "SPRINT: per-step probability of dropping the whole sparse path")
+    repa_coef: float = flag(0.0, "REPA projection-loss weight (0: no REPA)")
+    repa_depth: int = flag(2, "REPA: align the output of this block (1-based)")
+    repa_hidden: int = flag(2048, "REPA: projector MLP width")
+    reg_coef: float = flag(0.0, "REG class-token velocity loss weight (0: no REG token)")
+    cfm_coef: float = flag(0.0, "contrastive flow matching weight (0: off); negatives = targets rolled by one")
+    time_shift_base: float = flag(0.0, "time shift s = sqrt(C*H*W / base) in training and sampling (0: off; SR-DiT 4096)")
+    encoder: str = flag("", "REPA/REG teacher: dinov2_vitb14 | digits_net; empty: the track's")
+    encoder_weights: str = flag("", "teacher weights file (safetensors); required for DINOv2")
+    encoder_sha256: str = flag("", "expected sha256 of --encoder_weights (checked when given)")
+    # ---- optimisation
+    iterations: int = flag(0, "training steps; 0: the track's budget")
+    global_batch: int = flag(0, "samples per step over all processes and accumulation; 0: the track's")
+    grad_accum: int = flag(1, "gradient accumulation micro-steps per step (part of the global batch)")
+    lr: float = flag(1e-4, "AdamW learning rate (constant)")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.999, "AdamW beta2")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = flag(1.0, "gradient-norm clipping threshold")
+    ema_decay: float = flag(0.9999, "EMA decay of the weights used for sampling")
+    seed: int = flag(0, "seed of the model init, the data order and every step's noise")
+    mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
+    compile: bool = flag(False, "torch.compile the model")
+    # ---- bookkeeping
+    run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
+    runs_dir: str = flag("runs", "where run folders go")
+    records_dir: str = flag("records", "where record folders go")
+    leaderboard: str = flag("LEADERBOARD.md", "the leaderboard file re-rendered after a record")
+    log_every: int = flag(50, "steps between log lines")
+    ckpt_every: int = flag(500, "steps between checkpoints")
+    keep_checkpoints: int = flag(2, "how many recent checkpoints to keep")
+    resume: str = flag("", "a checkpoint path, or auto (the latest in the run folder)")
+    description: str = flag("baseline SiT", "one line for the leaderboard")
+    contributors: str = flag("", "comma-separated names for the leaderboard")
+    write_record: bool = flag(True, "write a record when the run used the track's budget")
+    wandb: str = flag("off", "off | offline | online Weights & Biases logging")
 
 
 MODEL_ZOO = {  # name -> (depth, hidden size, heads); DiT/SiT sizes, plus the digits presets
@@ -120,10 +149,12 @@ def load_track(track: str) -> dict:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Flags override the track's train_defaults, which override Config's defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="A track's train_defaults override these defaults; flags override both.")
     for f in dataclasses.fields(Config):
         kind = {"bool": _str2bool}.get(f.type, {"int": int, "float": float}.get(f.type, str))
-        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"default: {f.default!r}")
+        parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.upper(),
+                            help=f"{f.metadata['help']} (default: {f.default!r})")
     args = vars(parser.parse_args(argv))
     track = load_track(args["track"] or Config.track)
     values = dataclasses.asdict(Config())
@@ -149,8 +180,33 @@ def _str2bool(s: str) -> bool:
 
 
 # =============================================================================================
-# Model: SiT with adaLN-Zero (Peebles & Xie 2023; Ma et al. 2024)
+# Model: SiT with adaLN-Zero (Peebles & Xie 2023; Ma et al. 2024) and the SR-DiT components,
+# each switched by ModelOptions and absent (no parameters, no compute) when off.
 # =============================================================================================
+@dataclass
+class ModelOptions:
+    norm: str = "layernorm"          # layernorm | rmsnorm (no affine, eps 1e-6, blocks and final layer)
+    rope: bool = False               # 2D axial rotary embedding on q and k (theta 10000)
+    qk_norm: bool = False            # RMSNorm(head_dim) with affine weight on q and k
+    value_residual: bool = False     # v = lam v1 + (1 - lam) v in blocks 1.., lam init 0.5
+    sprint: bool = False             # SPRINT: dense -> sparse -> dense with token dropping
+    sprint_dense_in: int = 2         # f: dense blocks before the sparse part
+    sprint_dense_out: int = 2        # h: dense blocks after the fusion
+    repa_depth: int = 0              # 0: no REPA projector; else align the output of this block (1-based)
+    repa_dim: int = 0                # teacher token width (the projector's output)
+    repa_hidden: int = 2048          # projector MLP width
+    reg_dim: int = 0                 # 0: no REG class token; else the teacher CLS width
+    time_shift_base: float = 0.0     # not a layer: how the model was trained, so how to sample it
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+    raise ConfigError(f"unknown norm {kind!r}: expected layernorm or rmsnorm")
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -165,6 +221,30 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
     emb = torch.cat([one_axis(dim // 2, gy), one_axis(dim // 2, gx)], dim=1)
     return emb.float()
+
+
+def rope_tables(head_dim: int, grid: int, num_prefix: int = 0, theta: float = 10000.0):
+    """cos/sin [num_prefix + grid*grid, head_dim/2] for 2D axial RoPE on interleaved pairs.
+    Pair j < head_dim/4 rotates with the row index, the rest with the column index, at frequency
+    theta^(-(j mod head_dim/4) / (head_dim/4)). Prefix tokens (the REG class token) get no rotation."""
+    if head_dim % 4:
+        raise ConfigError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)
+    angles = torch.cat([torch.zeros(num_prefix, 2 * quarter, dtype=torch.float64), angles])
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D]; cos/sin [N, D/2] or per sample [B, N, D/2] (SPRINT's kept tokens)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
 
 
 class TimestepEmbedder(nn.Module):
@@ -183,41 +263,54 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, opts: ModelOptions, mixes_values: bool):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, hidden // heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        if opts.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        if mixes_values:  # value residual: the learnable share of block 0's values
+            self.value_lambda = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None, v1: torch.Tensor | None):
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if hasattr(self, "value_lambda"):
+            v = self.value_lambda * v1 + (1 - self.value_lambda) * v
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
 
 
 class SiTBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden: int, heads: int, opts: ModelOptions, index: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = make_norm(opts.norm, hidden)
+        self.attn = Attention(hidden, heads, opts, mixes_values=opts.value_residual and index > 0)
+        self.norm2 = make_norm(opts.norm, hidden)
         mlp_hidden = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_hidden, hidden))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple | None = None,
+                v1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        attn_out, values = self.attn(modulate(self.norm1(x), shift1, scale1), rope, v1)
+        x = x + gate1.unsqueeze(1) * attn_out
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
+        return x, values
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden: int, patch: int, out_channels: int):
+    def __init__(self, hidden: int, patch: int, out_channels: int, norm: str):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm = make_norm(norm, hidden)
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
@@ -226,28 +319,61 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+@dataclass
+class Routing:
+    """How one forward pass routes tokens through SPRINT's sparse middle blocks."""
+    keep: torch.Tensor | None = None   # [B, n_keep] patch-token indices kept (training); None: all
+    path_drop: bool = False            # replace the sparse part's output by the mask token
+
+
 class SiT(nn.Module):
     """Scalable interpolant transformer predicting the velocity of the linear path.
 
-    forward(x [B,C,H,W], t [B] in [0,1] with t=1 noise, y [B] in 0..num_classes where the
-    value num_classes is the null label used for guidance) -> v [B,C,H,W].
+    forward(x [B,C,H,W], t [B] in [0,1] with t=1 noise, y [B] in 0..num_classes where the value
+    num_classes is the null label, cls_t [B, reg_dim] the noised REG class token when REG is on,
+    routing for SPRINT) -> dict(v [B,C,H,W], cls_v [B, reg_dim] with REG, repa [B, tokens,
+    repa_dim] with REPA: the projected tokens of block `repa_depth`, class token first with REG).
     """
 
-    def __init__(self, model: str, input_size: int, in_channels: int, num_classes: int):
+    def __init__(self, model: str, input_size: int, in_channels: int, num_classes: int,
+                 opts: ModelOptions | None = None):
         super().__init__()
+        opts = opts or ModelOptions()
         depth, hidden, heads, patch = parse_model_name(model)
         if input_size % patch:
             raise ConfigError(f"input size {input_size} is not divisible by patch size {patch}")
-        self.model_name, self.num_classes = model, num_classes
+        self.model_name, self.num_classes, self.opts = model, num_classes, opts
         self.in_channels, self.patch, self.input_size = in_channels, patch, input_size
-        self.grid = input_size // patch
+        self.grid, self.hidden, self.depth = input_size // patch, hidden, depth
+        self.num_prefix = 1 if opts.reg_dim else 0
         self.x_embedder = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden)  # last row: the null label
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid).unsqueeze(0),
                              persistent=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden, heads) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden, patch, in_channels)
+        if opts.rope:
+            cos, sin = rope_tables(hidden // heads, self.grid, self.num_prefix)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(SiTBlock(hidden, heads, opts, i) for i in range(depth))
+        self.final_layer = FinalLayer(hidden, patch, in_channels, opts.norm)
+        if opts.reg_dim:  # REG: the teacher's class token enters as token 0, its velocity leaves
+            self.cls_embedder = nn.Sequential(nn.Linear(opts.reg_dim, hidden), nn.RMSNorm(hidden, eps=1e-6))
+            self.cls_head = nn.Linear(hidden, opts.reg_dim)
+        if opts.sprint:
+            if opts.sprint_dense_in + opts.sprint_dense_out >= depth:
+                raise ConfigError(f"SPRINT split {opts.sprint_dense_in}+{opts.sprint_dense_out} leaves no "
+                                  f"sparse blocks in depth {depth}")
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden))
+            self.fusion = nn.Linear(2 * hidden, hidden)
+        if opts.repa_depth:
+            if not 1 <= opts.repa_depth <= depth or not opts.repa_dim:
+                raise ConfigError(f"REPA depth {opts.repa_depth} must be in 1..{depth} with a teacher width")
+            if opts.sprint and opts.repa_depth > opts.sprint_dense_in:
+                raise ConfigError(f"with SPRINT, REPA must align a dense block (depth <= {opts.sprint_dense_in})")
+            h2 = opts.repa_hidden
+            self.projector = nn.Sequential(nn.Linear(hidden, h2), nn.SiLU(), nn.Linear(h2, h2), nn.SiLU(),
+                                           nn.Linear(h2, opts.repa_dim))
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -261,33 +387,182 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output as zero
+        # adaLN-Zero: every block starts as the identity and the outputs as zero
         for block in [*self.blocks, self.final_layer]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
+        if self.opts.reg_dim:
+            nn.init.zeros_(self.cls_head.weight)
+        if self.opts.sprint:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, g, c = x.shape[0], self.patch, self.grid, self.in_channels
         x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _run(self, blocks, h, c, rope, v1):
+        for block in blocks:
+            h, values = block(h, c, rope, v1)
+            if v1 is None and self.opts.value_residual:
+                v1 = values  # block 0's values feed every later block
+        return h, v1
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cls_t: torch.Tensor | None = None,
+                routing: Routing | None = None) -> dict:
+        opts, routing = self.opts, routing or Routing()
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        if opts.reg_dim:
+            if cls_t is None:
+                raise ValueError("this model has a REG class token: pass cls_t")
+            h = torch.cat([self.cls_embedder(cls_t).unsqueeze(1), h], dim=1)
         c = self.t_embedder(t) + self.y_embedder(y)
-        for block in self.blocks:
-            h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+        rope = (self.rope_cos, self.rope_sin) if opts.rope else None
+        out = {}
+        if opts.sprint:
+            f, hh = opts.sprint_dense_in, opts.sprint_dense_out
+            encoder, middle, decoder = self.blocks[:f], self.blocks[f:self.depth - hh], self.blocks[self.depth - hh:]
+        else:
+            encoder, middle, decoder = self.blocks, [], []
+        if opts.repa_depth:
+            h, v1 = self._run(encoder[:opts.repa_depth], h, c, rope, None)
+            out["repa"] = self.projector(h)
+            h, v1 = self._run(encoder[opts.repa_depth:], h, c, rope, v1)
+        else:
+            h, v1 = self._run(encoder, h, c, rope, None)
+        if opts.sprint:
+            h = self.fusion(torch.cat([h, self._sparse(middle, h, c, rope, v1, routing)], dim=-1))
+            h, _ = self._run(decoder, h, c, rope, v1)
+        p = self.num_prefix
+        out["v"] = self.unpatchify(self.final_layer(h[:, p:], c))
+        if opts.reg_dim:
+            out["cls_v"] = self.cls_head(h[:, 0])
+        return out
+
+    def _sparse(self, blocks, h, c, rope, v1, routing: Routing) -> torch.Tensor:
+        """SPRINT's middle: the kept tokens (all at evaluation) through the sparse blocks, the
+        dropped positions refilled with the mask token; path drop returns the mask token alone."""
+        filled = self.mask_token.to(h.dtype).expand(h.shape[0], h.shape[1], -1)
+        if routing.path_drop:
+            return filled
+        if routing.keep is None:
+            return self._run(blocks, h, c, rope, v1)[0]
+        p = self.num_prefix
+        index = torch.cat([torch.arange(p, device=h.device).expand(h.shape[0], p), routing.keep + p], dim=1)
+        sub = torch.gather(h, 1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        sub_rope = (rope[0][index], rope[1][index]) if rope is not None else None
+        sub_v1 = None
+        if v1 is not None:
+            sub_v1 = torch.gather(v1, 2, index[:, None, :, None].expand(-1, v1.shape[1], -1, v1.shape[-1]))
+        sub, _ = self._run(blocks, sub, c, sub_rope, sub_v1)
+        return filled.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), sub)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: Config, track: dict) -> SiT:
+def model_options(cfg: Config, teacher_dims: tuple[int, int] = (0, 0)) -> ModelOptions:
+    """The architecture a config asks for; teacher_dims = (patch-token width, class-token width)."""
+    return ModelOptions(norm=cfg.norm, rope=cfg.rope, qk_norm=cfg.qk_norm, value_residual=cfg.value_residual,
+                        sprint=cfg.sprint, sprint_dense_in=cfg.sprint_dense_in,
+                        sprint_dense_out=cfg.sprint_dense_out,
+                        repa_depth=cfg.repa_depth if cfg.repa_coef > 0 else 0,
+                        repa_dim=teacher_dims[0] if cfg.repa_coef > 0 else 0, repa_hidden=cfg.repa_hidden,
+                        reg_dim=teacher_dims[1] if cfg.reg_coef > 0 else 0,
+                        time_shift_base=cfg.time_shift_base)
+
+
+def build_model(cfg: Config, track: dict, teacher_dims: tuple[int, int] = (0, 0)) -> SiT:
     data = track["dataset"]
     channels, size, _ = data["latent_shape"]
-    return SiT(cfg.model, input_size=size, in_channels=channels, num_classes=data["num_classes"])
+    return SiT(cfg.model, input_size=size, in_channels=channels, num_classes=data["num_classes"],
+               opts=model_options(cfg, teacher_dims))
+
+
+# =============================================================================================
+# Teachers for REPA/REG: frozen encoders mapping uint8 NHWC images to (class token, patch tokens)
+# =============================================================================================
+class DigitsTeacher(nn.Module):
+    """The digits metric network: its 4x4 spatial features are the patch tokens, its pooled
+    feature the class token (64-d each)."""
+
+    def __init__(self, weights: str = "", sha256: str = ""):
+        super().__init__()
+        from evaluations import digits_net
+        kwargs = {"expected_sha256": sha256} if sha256 else {}
+        self.net = digits_net.load_digits_net(weights or digits_net.DEFAULT_WEIGHTS_PATH, **kwargs)
+        self.preprocess = digits_net.preprocess
+        self.dims = (64, 64)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(self.preprocess(images))
+        return out["pool"], out["spatial"]
+
+
+class DinoV2Teacher(nn.Module):
+    """DINOv2-B/14 through timm, as REPA/REG use it: pixels/255, bicubic resize to 224*res/256,
+    ImageNet mean/std; returns the final-norm class token and patch tokens (768-d).
+    Weights: a local safetensors file of timm's `vit_base_patch14_dinov2.lvd142m` (sha256 checked);
+    random weights only when `random_init` (tests)."""
+
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, resolution: int, weights: str = "", sha256: str = "", random_init: bool = False):
+        super().__init__()
+        import timm
+        self.size = 224 * resolution // 256
+        self.model = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=self.size,
+                                       num_classes=0)
+        if not random_init:
+            self.model.load_state_dict(_load_teacher_weights(weights, sha256, self.model))
+        self.model.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
+        self.dims = (self.model.embed_dim, self.model.embed_dim)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        tokens = self.model.forward_features((x - self.mean) / self.std)
+        prefix = self.model.num_prefix_tokens
+        return tokens[:, 0], tokens[:, prefix:]
+
+
+def _load_teacher_weights(path: str, sha256: str, model: nn.Module) -> dict:
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from preprocessing.shards import sha256_file
+    if not path:
+        raise ConfigError("DINOv2 needs --encoder_weights: a safetensors file of timm's "
+                          "vit_base_patch14_dinov2.lvd142m (e.g. the model.safetensors of that timm "
+                          "release); pass --encoder_sha256 to pin it")
+    if not Path(path).is_file():
+        raise ConfigError(f"encoder weights {path} not found")
+    if not path.endswith(".safetensors"):
+        raise ConfigError(f"encoder weights {path}: only .safetensors files are loaded (no pickles)")
+    if sha256 and sha256_file(path) != sha256:
+        raise ConfigError(f"encoder weights {path} have sha256 {sha256_file(path)}, expected {sha256}")
+    return checkpoint_filter_fn(load_file(path), model)  # resamples the position embedding
+
+
+def build_teacher(cfg: Config, track: dict) -> nn.Module | None:
+    if cfg.repa_coef <= 0 and cfg.reg_coef <= 0:
+        return None
+    name = cfg.encoder or track["dataset"].get("teacher", "")
+    if name == "digits_net":
+        return DigitsTeacher(cfg.encoder_weights, cfg.encoder_sha256)
+    if name == "dinov2_vitb14":
+        return DinoV2Teacher(track["dataset"]["resolution"], cfg.encoder_weights, cfg.encoder_sha256)
+    raise ConfigError(f"REPA/REG need a teacher: --encoder dinov2_vitb14 | digits_net (got {name!r})")
 
 
 # =============================================================================================
@@ -299,14 +574,40 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
-def draw_step_noise(gen: torch.Generator, global_batch: int, sample_shape: tuple,
-                    class_dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t ~ U(0,1), eps ~ N(0,I) and the label-dropout mask for the GLOBAL batch, on CPU; every
-    rank draws the same numbers and takes its slice, so training does not depend on the rank count."""
-    t = torch.rand(global_batch, generator=gen, dtype=torch.float64).float()
-    eps = torch.randn((global_batch, *sample_shape), generator=gen)
-    drop = torch.rand(global_batch, generator=gen) < class_dropout
-    return t, eps, drop
+@dataclass
+class StepNoise:
+    """Every random draw of one step, for the GLOBAL batch; each micro-batch takes its slice."""
+    t: torch.Tensor                       # [B] times (time-shifted when on)
+    eps: torch.Tensor                     # [B, C, H, W] noise
+    drop: torch.Tensor                    # [B] label dropped -> null class
+    cls_eps: torch.Tensor | None = None   # [B, reg_dim] REG class-token noise
+    keep: torch.Tensor | None = None      # [B, n_keep] SPRINT kept patch tokens (sorted)
+    path_drop: bool = False               # SPRINT path drop, one decision for every rank
+
+    def slice(self, part: slice, device: torch.device | str = "cpu") -> "StepNoise":
+        def cut(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v[part].to(device)
+        return StepNoise(cut(self.t), cut(self.eps), cut(self.drop), cut(self.cls_eps), cut(self.keep),
+                         self.path_drop)
+
+
+def draw_step_noise(gen: torch.Generator, global_batch: int, sample_shape: tuple, class_dropout: float,
+                    time_shift: float = 1.0, reg_dim: int = 0, sprint_tokens: int = 0,
+                    sprint_drop_ratio: float = 0.0, sprint_path_drop: float = 0.0) -> StepNoise:
+    """Draws on CPU in a fixed order (t, eps, dropout, then the optional parts), so turning a
+    component on does not change the draws of the components before it."""
+    t = torch.rand(global_batch, generator=gen, dtype=torch.float64)
+    t = (shift_time(t, time_shift) if time_shift != 1.0 else t).float()
+    noise = StepNoise(t, torch.randn((global_batch, *sample_shape), generator=gen),
+                      torch.rand(global_batch, generator=gen) < class_dropout)
+    if reg_dim:
+        noise.cls_eps = torch.randn((global_batch, reg_dim), generator=gen)
+    if sprint_tokens:
+        n_keep = max(1, round(sprint_tokens * (1 - sprint_drop_ratio)))
+        order = torch.rand((global_batch, sprint_tokens), generator=gen).argsort(dim=1)
+        noise.keep = order[:, :n_keep].sort(dim=1).values
+        noise.path_drop = bool(torch.rand(1, generator=gen).item() < sprint_path_drop)
+    return noise
 
 
 def flow_matching_inputs(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
@@ -315,6 +616,52 @@ def flow_matching_inputs(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps
     tb = t.view(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - tb) * x0 + tb * eps
     return x_t, torch.where(drop, torch.full_like(y, num_classes), y), eps - x0
+
+
+def load_micro_batch(dataset, indices: np.ndarray, part: slice, eps: torch.Tensor, with_negatives: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Latents and labels of global-batch positions `part`. With CFM also the negatives: the
+    velocity targets of the GLOBAL batch rolled by one (position i gets the target of i - 1, the
+    first gets the last), so the pairing does not depend on how the batch is split over ranks;
+    the one sample before the chunk is loaded for it."""
+    if not with_negatives:
+        idx = indices[part]
+        return torch.from_numpy(dataset.get_latents(idx)), torch.from_numpy(dataset.labels[idx].astype(np.int64)), None
+    prev = (part.start - 1) % len(indices)
+    idx = np.concatenate([indices[prev:prev + 1], indices[part]])
+    x0 = torch.from_numpy(dataset.get_latents(idx))
+    y = torch.from_numpy(dataset.labels[idx].astype(np.int64))
+    targets = torch.cat([eps[prev:prev + 1], eps[part]]) - x0
+    return x0[1:], y[1:], targets[:-1]
+
+
+def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tensor, noise: StepNoise,
+                  num_classes: int, teacher_out: tuple | None, negatives: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, dict]:
+    """MSE_v + repa_coef (-cos to the teacher) + reg_coef MSE_cls - cfm_coef MSE(v, negatives).
+    negatives: the velocity targets of the batch rolled by one sample (CFM)."""
+    x_t, y_in, target = flow_matching_inputs(x0, y, noise.t, noise.eps, noise.drop, num_classes)
+    cls_t = cls_target = None
+    if cfg.reg_coef > 0:
+        c = teacher_out[0]
+        tb = noise.t.view(-1, 1)
+        cls_t, cls_target = (1 - tb) * c + tb * noise.cls_eps, noise.cls_eps - c
+    out = model(x_t, noise.t, y_in, cls_t=cls_t, routing=Routing(noise.keep, noise.path_drop))
+    pred = out["v"].float()
+    parts = {"mse": F.mse_loss(pred, target)}
+    loss = parts["mse"]
+    if cfg.repa_coef > 0:
+        cls, patches = teacher_out
+        tokens = torch.cat([cls.unsqueeze(1), patches], dim=1) if cfg.reg_coef > 0 else patches
+        parts["repa"] = -F.cosine_similarity(out["repa"].float(), tokens.float(), dim=-1).mean()
+        loss = loss + cfg.repa_coef * parts["repa"]
+    if cfg.reg_coef > 0:
+        parts["cls"] = F.mse_loss(out["cls_v"].float(), cls_target)
+        loss = loss + cfg.reg_coef * parts["cls"]
+    if cfg.cfm_coef > 0:
+        parts["cfm"] = F.mse_loss(pred, negatives)
+        loss = loss - cfg.cfm_coef * parts["cfm"]
+    return loss, parts
 
 
 # =============================================================================================
@@ -423,15 +770,17 @@ def export_model(path: Path, ema: nn.Module, cfg: Config, track: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "model": cfg.model, "config": json.dumps(dataclasses.asdict(cfg)),
                 "input_size": str(ema.input_size), "in_channels": str(ema.in_channels),
-                "num_classes": str(ema.num_classes), "track": track["name"]}
+                "num_classes": str(ema.num_classes), "track": track["name"],
+                "options": json.dumps(dataclasses.asdict(ema.opts))}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_model(path: Path) -> tuple[SiT, dict]:
     """Rebuilds a SiT from an exported model file (safetensors; never pickle)."""
     tensors, metadata = read_safetensors(path, MODEL_FORMAT)
+    opts = ModelOptions(**json.loads(metadata["options"])) if "options" in metadata else ModelOptions()
     model = SiT(metadata["model"], int(metadata["input_size"]), int(metadata["in_channels"]),
-                int(metadata["num_classes"]))
+                int(metadata["num_classes"]), opts)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -559,10 +908,14 @@ def train(cfg: Config) -> dict:
     track = load_track(cfg.track)
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
+
+    def unwrap(module: nn.Module) -> nn.Module:  # strip DDP and torch.compile wrappers
+        return accelerator.unwrap_model(module, keep_torch_compile=False)
     world = accelerator.num_processes
-    if cfg.global_batch % world:
-        raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes")
-    local_batch = cfg.global_batch // world
+    if cfg.global_batch % (world * cfg.grad_accum):
+        raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes x "
+                          f"{cfg.grad_accum} accumulation steps")
+    micro_batch = cfg.global_batch // (world * cfg.grad_accum)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     if not cfg.run_name:
@@ -578,7 +931,14 @@ def train(cfg: Config) -> dict:
     dataset = ShardDataset(cfg.data_dir, track["dataset"]["train_split"])
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, track)
+    teacher = build_teacher(cfg, track)
+    model = build_model(cfg, track, teacher.dims if teacher is not None else (0, 0))
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        probe = teacher(torch.from_numpy(dataset.get_images(np.arange(1))).to(accelerator.device))[1]
+        if cfg.repa_coef > 0 and probe.shape[1] != model.num_patches:
+            raise ConfigError(f"REPA: the teacher gives {probe.shape[1]} patch tokens, {cfg.model} has "
+                              f"{model.num_patches}; choose a patch size that matches")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")
@@ -597,11 +957,16 @@ def train(cfg: Config) -> dict:
             if prior[key] != getattr(cfg, key):
                 raise ConfigError(f"cannot resume {resume_path}: it was trained with {key}={prior[key]!r}, "
                                  f"this run has {getattr(cfg, key)!r}")
+    if cfg.compile:
+        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     sampler = StepSampler(len(dataset), cfg.global_batch, cfg.seed)
     num_classes = track["dataset"]["num_classes"]
     latent_shape = tuple(track["dataset"]["latent_shape"])
+    time_shift = time_shift_for_shape(latent_shape, cfg.time_shift_base) if cfg.time_shift_base > 0 else 1.0
+    reg_dim = unwrap(model).opts.reg_dim
+    sprint_tokens = unwrap(model).num_patches if cfg.sprint else 0
 
     env = environment_report(accelerator)
     if not (resume_path and log.path.exists()):
@@ -622,14 +987,39 @@ def train(cfg: Config) -> dict:
     def checkpoint(step: int) -> None:
         if is_main:
             path = run_dir / "checkpoints" / f"step_{step:08d}.safetensors"
-            save_checkpoint(path, accelerator.unwrap_model(model), ema, optimizer, step, cfg,
+            save_checkpoint(path, unwrap(model), ema, optimizer, step, cfg,
                             {"data_position": sampler.position(step), "world_size": world,
                              "train_seconds": train_seconds})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 old.unlink()
         accelerator.wait_for_everyone()
 
-    rank_slice = slice(accelerator.process_index * local_batch, (accelerator.process_index + 1) * local_batch)
+    def train_step(step: int) -> tuple[float, torch.Tensor]:
+        """Forward/backward over this rank's micro-batches of the global batch; returns the mean
+        loss over every process and micro-batch, and the clipped gradient norm."""
+        indices = sampler.global_indices(step)
+        noise = draw_step_noise(step_generator(cfg.seed, step), cfg.global_batch, latent_shape,
+                                cfg.class_dropout, time_shift, reg_dim, sprint_tokens, cfg.sprint_drop_ratio,
+                                cfg.sprint_path_drop)
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(cfg.grad_accum):
+            chunk = micro * world + accelerator.process_index  # contiguous chunks of the global batch
+            part = slice(chunk * micro_batch, (chunk + 1) * micro_batch)
+            x0, y, negatives = load_micro_batch(dataset, indices, part, noise.eps, cfg.cfm_coef > 0)
+            negatives = None if negatives is None else negatives.to(accelerator.device)
+            teacher_out = None
+            if teacher is not None:
+                teacher_out = teacher(torch.from_numpy(dataset.get_images(indices[part])).to(accelerator.device))
+            local = noise.slice(part, accelerator.device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                loss, _ = training_loss(model, cfg, x0.to(accelerator.device), y.to(accelerator.device),
+                                        local, num_classes, teacher_out, negatives)
+                accelerator.backward(loss / cfg.grad_accum)
+            total += loss.detach() / cfg.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        return accelerator.reduce(total, reduction="mean").item(), grad_norm
+
     model.train()
     window_start, window_step = time.perf_counter(), start_step
     run_start = window_start
@@ -639,27 +1029,14 @@ def train(cfg: Config) -> dict:
     try:
         while step < cfg.iterations:
             t0 = time.perf_counter()
-            idx = sampler.global_indices(step)[rank_slice]  # this rank reads only its own samples
-            t, eps, drop = (v[rank_slice] for v in draw_step_noise(step_generator(cfg.seed, step),
-                                                                  cfg.global_batch, latent_shape, cfg.class_dropout))
-            x0 = torch.from_numpy(dataset.get_latents(idx))
-            y = torch.from_numpy(dataset.labels[idx].astype(np.int64))
-            x_t, y_in, target = (v.to(accelerator.device) for v in
-                                 flow_matching_inputs(x0, y, t, eps, drop, num_classes))
-            t = t.to(accelerator.device)
-            with accelerator.autocast():
-                pred = model(x_t, t, y_in)
-            loss = F.mse_loss(pred.float(), target)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            loss_value, grad_norm = train_step(step)
             if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
                 raise NonFiniteLoss(f"non-finite loss {loss_value} / grad norm {float(grad_norm)} at step "
                                     f"{step}; parameters were not updated; last good checkpoint: "
                                     f"{(list_checkpoints(run_dir) or ['none'])[-1]}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, accelerator.unwrap_model(model), cfg.ema_decay)
+            update_ema(ema, unwrap(model), cfg.ema_decay)
             step += 1
             train_seconds += time.perf_counter() - t0
             bar.update(1)

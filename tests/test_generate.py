@@ -17,9 +17,9 @@ class LinearField(torch.nn.Module):
         self.a = torch.nn.Parameter(torch.linspace(-0.5, 0.5, num_classes + 1))
         self.b = torch.nn.Parameter(torch.linspace(1.0, -1.0, num_classes + 1))
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cls_t=None, routing=None):
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return self.a[y].view(shape) * x + self.b[y].view(shape) * (1 + t.view(shape))
+        return {"v": self.a[y].view(shape) * x + self.b[y].view(shape) * (1 + t.view(shape))}
 
 
 def test_balanced_and_random_labels():
@@ -38,10 +38,10 @@ def test_guidance_formula_and_interval():
     null = torch.full_like(y, 10)
     for t_val, applied in ((0.5, True), (0.9, False), (0.1, False)):
         t = torch.full((4,), t_val)
-        v = guided_velocity(model, y, 10, scale=4.0, interval=(0.2, 0.8))(x, t)
-        cond, uncond = model(x, t, y), model(x, t, null)
+        v = guided_velocity(model, y, 10, (1, 2, 2), scale=4.0, interval=(0.2, 0.8))(x.flatten(1), t)
+        cond, uncond = model(x, t, y)["v"], model(x, t, null)["v"]
         expected = uncond + 4.0 * (cond - uncond) if applied else cond
-        torch.testing.assert_close(v, expected)
+        torch.testing.assert_close(v, expected.flatten(1))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "euler_maruyama"])

@@ -52,7 +52,7 @@ def test_forward_shape_zero_init_and_gradients():
     torch.manual_seed(0)
     model = SiT("SiT-Digits/2", input_size=8, in_channels=1, num_classes=10)
     x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])  # 10 = null label
-    out = model(x, t, y)
+    out = model(x, t, y)["v"]
     assert out.shape == x.shape
     assert torch.count_nonzero(out) == 0  # adaLN-Zero: the network starts at v = 0
     loss = (out - x).pow(2).mean()
@@ -63,7 +63,7 @@ def test_forward_shape_zero_init_and_gradients():
     for _ in range(2):
         opt.step()
         model.zero_grad()
-        (model(x, t, y) - x).pow(2).mean().backward()
+        (model(x, t, y)["v"] - x).pow(2).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
@@ -94,7 +94,8 @@ def test_step_sampler_epochs_are_permutations_and_resume_safe():
 def test_flow_matching_inputs_formula_and_dropout():
     x0 = torch.randn(4000, 1, 2, 2)
     y = torch.arange(4000) % 10
-    t, eps, drop = train.draw_step_noise(train.step_generator(0, 7), 4000, (1, 2, 2), 0.25)
+    noise = train.draw_step_noise(train.step_generator(0, 7), 4000, (1, 2, 2), 0.25)
+    t, eps, drop = noise.t, noise.eps, noise.drop
     gen = train.step_generator(0, 7)
     t_ref = torch.rand(4000, generator=gen, dtype=torch.float64).float()
     eps_ref = torch.randn((4000, 1, 2, 2), generator=gen)
@@ -106,9 +107,15 @@ def test_flow_matching_inputs_formula_and_dropout():
     torch.testing.assert_close(target, eps_ref - x0)
     assert torch.equal(y_in == 10, drop) and torch.equal(y_in[~drop], y[~drop])
     again = train.draw_step_noise(train.step_generator(0, 7), 4000, (1, 2, 2), 0.25)
-    assert all(torch.equal(a, b) for a, b in zip(again, (t, eps, drop)))
+    assert all(torch.equal(a, b) for a, b in zip((again.t, again.eps, again.drop), (t, eps, drop)))
     other_step = train.draw_step_noise(train.step_generator(0, 8), 4000, (1, 2, 2), 0.25)
-    assert not torch.equal(other_step[1], eps)
+    assert not torch.equal(other_step.eps, eps)
+    # optional parts are drawn after the base ones: switching them on leaves t/eps/dropout unchanged
+    full = train.draw_step_noise(train.step_generator(0, 7), 4000, (1, 2, 2), 0.25, reg_dim=3,
+                                 sprint_tokens=16, sprint_drop_ratio=0.75, sprint_path_drop=0.5)
+    assert torch.equal(full.t, t) and torch.equal(full.eps, eps) and torch.equal(full.drop, drop)
+    assert full.cls_eps.shape == (4000, 3) and full.keep.shape == (4000, 4)
+    assert all(sorted(set(row.tolist())) == row.tolist() for row in full.keep[:50])
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -129,7 +136,7 @@ def _tiny_state(seed=0):
     model = SiT("SiT-Digits/2", 8, 1, 10)
     ema = SiT("SiT-Digits/2", 8, 1, 10)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])).pow(2).mean().backward()
+    model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2]))["v"].pow(2).mean().backward()
     opt.step()
     return model, ema, opt
 
@@ -277,11 +284,15 @@ def test_wandb_logging_is_offline_and_optional(tmp_path, run_args):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path, tiny_track):
+@pytest.mark.parametrize("components", ["plain", "all"])
+def test_two_gloo_processes_match_one_process(tmp_path, tiny_track, components):
     """NPROC=2 bash train.sh on CPU (two real gloo ranks) ends where one process with the same
-    global batch ends, within floating-point tolerance (gradients are averaged in another order)."""
+    global batch ends, within floating-point tolerance (gradients are averaged in another order);
+    with every SR-DiT component on too (CFM pairs across the rank boundary, SPRINT draws shared)."""
+    from test_components import ALL_FLAGS
     env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable)
     common = ["--track", str(tiny_track), "--runs_dir", str(tmp_path / "runs"), "--write_record", "false"]
+    common += ALL_FLAGS if components == "all" else []
     for nproc, name in (("2", "two"), ("1", "one")):
         proc = subprocess.run(["bash", "train.sh", *common, "--run_name", name], cwd=ROOT,
                               env=env | {"NPROC": nproc}, capture_output=True, text=True, timeout=600)
