@@ -429,7 +429,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--num_steps", type=int, default=None)
     parser.add_argument("--num_samples", type=int, default=None)
     parser.add_argument("--guidance_scale", type=float, default=None)
-    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None)
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None,
+                        help="apply guidance only for t in [low, high]")
+    parser.add_argument("--cls_guidance_scale", type=float, default=None,
+                        help="guidance scale of the REG class token (default: --guidance_scale)")
+    parser.add_argument("--path_drop_guidance", type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+                        default=None, help="SPRINT path drop in the unconditional branch (true/false)")
     parser.add_argument("--labels", choices=["balanced", "random"], default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=1000)
@@ -444,7 +449,8 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     track = load_track(args.track or meta["track"])
     protocol = dict(track["evaluation"])
-    for key in ("sampler", "num_steps", "num_samples", "guidance_scale", "guidance_interval", "labels", "seed"):
+    for key in ("sampler", "num_steps", "num_samples", "guidance_scale", "guidance_interval", "cls_guidance_scale",
+                "path_drop_guidance", "labels", "seed"):
         if getattr(args, key) is not None:
             protocol[key] = getattr(args, key)
     model.to(accelerator.device)
