@@ -1110,27 +1110,50 @@ def _resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
 # =============================================================================================
 # End of a run: samples with the track's protocol, metrics, record, leaderboard
 # =============================================================================================
-def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelerator, log: RunLog,
-               summary: dict) -> dict:
+def score_model(model: nn.Module, track: dict, out_dir: Path, accelerator=None) -> tuple[dict, float, float]:
+    """The track's evaluation protocol over its evaluation seeds: samples (samples.npz for the first
+    seed, samples_seed<k>.npz for the others, a grid of the first), then metrics on rank 0.
+    Returns (evaluation output | {} on other ranks, sampling seconds, scoring seconds); the output
+    has every seed's metrics ("runs") and their mean and sample standard deviation."""
     import generate
     from evaluations.evaluate import evaluate_samples
 
     protocol = track["evaluation"]
-    t0 = time.perf_counter()
-    samples_path = run_dir / "samples.npz"
-    generate.generate_to_npz(ema, track, protocol, samples_path, grid_path=run_dir / "grid.png",
-                             accelerator=accelerator)
-    sample_seconds = time.perf_counter() - t0
-    out = {"sample_seconds": sample_seconds}
-    if accelerator.is_main_process:
+    seeds = protocol.get("eval_seeds", [protocol["seed"]])
+    runs, sample_seconds, eval_seconds = [], 0.0, 0.0
+    is_main = accelerator is None or accelerator.is_main_process
+    for k, seed in enumerate(seeds):
+        path = out_dir / ("samples.npz" if k == 0 else f"samples_seed{seed}.npz")
         t0 = time.perf_counter()
-        metrics = evaluate_samples(samples_path, track)
-        out["eval_seconds"] = time.perf_counter() - t0
-        out["metrics"] = metrics
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        generate.generate_to_npz(model, track, dict(protocol, seed=seed), path,
+                                 grid_path=out_dir / "grid.png" if k == 0 else None, accelerator=accelerator)
+        sample_seconds += time.perf_counter() - t0
+        if is_main:
+            t0 = time.perf_counter()
+            runs.append({"seed": seed, "metrics": evaluate_samples(path, track)})
+            eval_seconds += time.perf_counter() - t0
+    if not is_main:
+        return {}, sample_seconds, eval_seconds
+    names = sorted(runs[0]["metrics"])
+    values = {m: np.array([r["metrics"][m] for r in runs], dtype=np.float64) for m in names}
+    evaluation = {"protocol": protocol, "runs": runs,
+                  "mean": {m: float(v.mean()) for m, v in values.items()},
+                  "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()}}
+    return evaluation, sample_seconds, eval_seconds
+
+
+def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelerator, log: RunLog,
+               summary: dict) -> dict:
+    evaluation, sample_seconds, eval_seconds = score_model(ema, track, run_dir, accelerator)
+    out = {"sample_seconds": sample_seconds, "eval_seconds": eval_seconds}
+    if accelerator.is_main_process:
+        metrics = evaluation["mean"]
+        out |= {"metrics": metrics, "evaluation": evaluation}
+        text = json.dumps(evaluation, indent=2, sort_keys=True) + "\n"
+        atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
         log.line("metrics: " + json.dumps(metrics, sort_keys=True))
-        print("[train] metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                               if isinstance(v, float)), flush=True)
+        print(f"[train] metrics (mean over {len(evaluation['runs'])} evaluation seeds): " +
+              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         official = (cfg.iterations, cfg.global_batch) == (track["budget"]["iterations"],
                                                          track["budget"]["global_batch"])
         if cfg.write_record and official:
@@ -1144,7 +1167,8 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
             print(f"[train] not a track run ({cfg.iterations} x {cfg.global_batch} differs from the track "
                   f"budget {track['budget']['iterations']} x {track['budget']['global_batch']}): no record",
                   flush=True)
-    accelerator.wait_for_everyone()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return out
 
 

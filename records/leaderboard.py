@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from records.record import find_records, load_record
@@ -29,6 +30,42 @@ def _tracks(records_dir: Path) -> dict[str, dict]:
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def _spread(record: dict, metric: str) -> str:
+    """mean ± sample std over the record's per-seed runs."""
+    runs = [r["metrics"][metric] for r in record["metric_runs"] if metric in r["metrics"]]
+    std = float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0
+    return f"{_fmt(record['metrics'][metric])} ± {_fmt(std)}"
+
+
+def device_hours(record: dict) -> float:
+    """GPU-hours for GPU runs; for CPU runs, process-hours (wall-clock x processes)."""
+    if record.get("gpu_hours"):
+        return record["gpu_hours"]
+    return record["wall_clock"]["total_seconds"] / 3600 * record["environment"].get("world_size", 1)
+
+
+def plot_track(records: list[dict], track: dict, path: Path) -> None:
+    """Primary metric (mean ± std over seeds) against device-hours, one point per record."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = track["primary_metric"]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for r in sorted(records, key=lambda r: r["_folder"].name):
+        runs = [x["metrics"][metric] for x in r["metric_runs"]]
+        ax.errorbar([device_hours(r)], [r["metrics"][metric]], yerr=[np.std(runs, ddof=1) if len(runs) > 1 else 0],
+                    marker="o", capsize=3, label=r["_folder"].name)
+    ax.set_xlabel("GPU-hours" if any(r.get("gpu_hours") for r in records) else "device-hours (CPU processes)")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(track.get("title", track.get("name", "")))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
 
 
 def render_markdown(records_dir: Path) -> str:
@@ -55,8 +92,10 @@ def render_markdown(records_dir: Path) -> str:
                        f"`{ev['feature_network']}` against the `{ev['reference']}` reference. "
                        f"Primary metric: {track['primary_metric'].upper()}.\n")
         records = rows.get(name, [])
+        published = track.get("published", [])
         if not records:
             out.append("\nNo records yet.\n")
+            out.append(_published(published, track))
             continue
         primary = track["primary_metric"]
         metrics = [m for m in track["evaluation"].get("metrics", []) if m != primary]
@@ -65,7 +104,7 @@ def render_markdown(records_dir: Path) -> str:
             row = {"_primary": r["metrics"].get(primary, float("nan")), "_date": r["date"],
                    "_folder": r["_folder"].name}
             row[METRIC_LABELS.get(primary, primary) + " ↓" if primary in track["lower_is_better"]
-                else METRIC_LABELS.get(primary, primary) + " ↑"] = _fmt(row["_primary"])
+                else METRIC_LABELS.get(primary, primary) + " ↑"] = _spread(r, primary)
             for m in metrics:
                 row[METRIC_LABELS.get(m, m)] = _fmt(r["metrics"][m]) if m in r["metrics"] else "-"
             row["Params"] = f"{r['parameters'] / 1e6:.2f}M"
@@ -84,7 +123,37 @@ def render_markdown(records_dir: Path) -> str:
                                   kind="mergesort").drop(columns=["_primary", "_date", "_folder"])
         frame.insert(0, "#", range(1, len(frame) + 1))
         out.append("\n" + _markdown_table(frame) + "\n")
+        out.append(f"\nPrimary metric: mean ± standard deviation over each record's evaluation seeds.\n"
+                   f"\n![{primary} vs device-hours]({records_dir.name}/{name}/leaderboard.png)\n")
+        out.append(_published(published, track))
     return "".join(out)
+
+
+def _published(published: list[dict], track: dict) -> str:
+    """Results reported elsewhere and NOT reproduced by this harness, with their source."""
+    if not published:
+        return ""
+    lines = ["\n**Published, not reproduced here** (no record folder, no checkpoint; listed for reference):\n"]
+    for p in published:
+        metrics = ", ".join(f"{METRIC_LABELS.get(k, k)} {v}" for k, v in p["metrics"].items())
+        lines.append(f"- {p['description']}: {metrics}. Source: {p['source']}.\n")
+    return "".join(lines)
+
+
+def render_plots(records_dir: Path) -> list[Path]:
+    """One plot per track with records: records/<track>/leaderboard.png."""
+    records_dir = Path(records_dir)
+    tracks = _tracks(records_dir)
+    by_track: dict[str, list[dict]] = {}
+    for folder in find_records(records_dir):
+        record = load_record(folder)
+        by_track.setdefault(record["track"], []).append(record | {"_folder": folder})
+    paths = []
+    for name, records in sorted(by_track.items()):
+        path = records_dir / name / "leaderboard.png"
+        plot_track(records, tracks.get(name, {"primary_metric": "fid", "title": name}), path)
+        paths.append(path)
+    return paths
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -98,6 +167,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 def render_leaderboard(records_dir: Path, out_path: Path) -> str:
     from train import atomic_write
     text = render_markdown(records_dir)
+    render_plots(records_dir)
     atomic_write(Path(out_path), lambda tmp: Path(tmp).write_text(text))
     return text
 

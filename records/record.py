@@ -15,20 +15,10 @@ from pathlib import Path
 
 RECORD_FORMAT = "speedrun-record-v1"
 RECORD_FILE = "record.json"
-# field -> type; nested dicts are checked one level down by REQUIRED_NESTED
-REQUIRED_FIELDS = {
-    "format": str, "track": str, "date": str, "description": str, "contributors": list,
-    "config": dict, "code_hash": str, "environment": dict, "parameters": int,
-    "iterations": int, "global_batch": int, "images_seen": int, "wall_clock": dict,
-    "throughput": dict, "metrics": dict, "evaluation": dict, "artefacts": dict,
-}
-REQUIRED_NESTED = {
-    "wall_clock": ("train_seconds", "sample_seconds", "eval_seconds", "total_seconds"),
-    "throughput": ("iterations_per_second", "images_per_second"),
-    "artefacts": ("model", "log", "samples", "grid"),
-}
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema.json"
+# artefacts copied from the run folder into the record folder
 ARTEFACT_FILES = {"model": "model.safetensors", "log": "train.log", "samples": "samples.npz",
-                  "grid": "grid.png"}
+                  "grid": "grid.png", "evaluation": "metrics.json"}
 
 
 class RecordError(ValueError):
@@ -75,7 +65,8 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
         "gpu_hours": round(device_hours, 4),
         "throughput": {"iterations_per_second": round(summary["step"] / train_s, 3),
                        "images_per_second": round(summary["step"] * cfg.global_batch / train_s, 1)},
-        "metrics": summary["metrics"], "evaluation": track["evaluation"], "artefacts": artefacts,
+        "metrics": summary["metrics"], "metric_runs": summary["evaluation"]["runs"],
+        "evaluation": track["evaluation"], "artefacts": artefacts,
     }
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     atomic_write(record_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
@@ -94,21 +85,17 @@ def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
         raise RecordError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(record, dict):
         raise RecordError(f"{path}: expected a JSON object")
-    for key, kind in REQUIRED_FIELDS.items():
-        if key not in record:
-            raise RecordError(f"{path}: missing field {key!r}")
-        if not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
-            raise RecordError(f"{path}: field {key!r} should be {kind.__name__}, "
-                              f"got {type(record[key]).__name__}")
-    if record["format"] != RECORD_FORMAT:
-        raise RecordError(f"{path}: format {record['format']!r} is not {RECORD_FORMAT!r}")
-    for key, subkeys in REQUIRED_NESTED.items():
-        for sub in subkeys:
-            if sub not in record[key]:
-                raise RecordError(f"{path}: missing field {key}.{sub}")
-    for name, metric in record["metrics"].items():
-        if not isinstance(metric, (int, float)):
-            raise RecordError(f"{path}: metric {name!r} is not a number")
+    import jsonschema
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_FILE.read_text()))
+    errors = sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        where = ".".join(str(p) for p in error.absolute_path)
+        if error.validator == "required":
+            missing = [f for f in error.validator_value if f not in error.instance]
+            where = ".".join([*(str(p) for p in error.absolute_path), missing[0]])
+            raise RecordError(f"{path}: missing field {where!r}")
+        raise RecordError(f"{path}: field {where or '(top level)'!r}: {error.message}")
     if check_artefacts:
         from preprocessing.shards import sha256_file
         for key, art in record["artefacts"].items():

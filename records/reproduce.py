@@ -2,8 +2,9 @@
 
 1. validates record.json and the sha256 of every artefact it lists;
 2. checks that the code hash is the sha256 of the train.py embedded at the top of its run log;
-3. loads the checkpoint (safetensors only: anything that would unpickle code is refused);
-4. regenerates the samples with the record's evaluation protocol and rescores them;
+3. loads the checkpoint (safetensors only: anything that would unpickle code is refused), or with
+   --retrain re-trains from the record's config (tracks marked retrain_allowed, e.g. digits);
+4. regenerates the samples for every evaluation seed of the record's protocol and rescores them;
 5. prints recorded vs reproduced and a one-line verdict; exit 0 = reproduced within the
    track's stated tolerance, 1 = differs, 2 = the record or its artefacts are invalid.
 """
@@ -44,35 +45,53 @@ def check_record(record_dir: Path) -> dict:
     return record
 
 
-def reproduce(record_dir: Path, out_dir: Path | None = None, track: str | None = None) -> tuple[bool, list[tuple]]:
-    from evaluations.evaluate import evaluate_samples
-    from generate import generate_to_npz
-    from train import load_model, load_track
+def retrain_args(record: dict, work: Path, track_arg: str) -> list[str]:
+    """train.py flags that re-run a record's config into `work` (no record, no leaderboard)."""
+    skip = {"runs_dir", "records_dir", "leaderboard", "run_name", "resume", "write_record", "track", "wandb"}
+    args = ["--track", track_arg, "--runs_dir", str(work), "--run_name", "retrain", "--write_record", "false"]
+    for key, value in sorted(record["config"].items()):
+        if key not in skip:
+            args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def reproduce(record_dir: Path, out_dir: Path | None = None, track: str | None = None,
+              retrain: bool = False) -> tuple[bool, list[tuple]]:
+    """Regenerates and rescores (or, with retrain, re-trains from the record's config first) and
+    compares the mean metrics with the record's, within the track's tolerance."""
+    import train
 
     record_dir = Path(record_dir)
     record = check_record(record_dir)
-    track = load_track(track or record["track"])
-    if track["name"] != record["track"]:
-        raise RecordError(f"{record_dir}: the record is for track {record['track']!r}, not {track['name']!r}")
-    try:
-        model, _ = load_model(record_dir / record["artefacts"]["model"]["path"])
-    except (FileNotFoundError, ValueError) as e:
-        raise RecordError(str(e)) from e
-    # the record's own protocol, scored against the track's reference
-    track = track | {"evaluation": record["evaluation"]}
+    track_arg = track or record["track"]
+    spec = train.load_track(track_arg)
+    if spec["name"] != record["track"]:
+        raise RecordError(f"{record_dir}: the record is for track {record['track']!r}, not {spec['name']!r}")
+    if retrain and not spec.get("retrain_allowed", False):
+        raise RecordError(f"track {spec['name']!r} is not cheap enough for --retrain; reproduce from the checkpoint")
+    spec = spec | {"evaluation": record["evaluation"]}  # the record's own protocol
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(out_dir) if out_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        samples = generate_to_npz(model, track, record["evaluation"], work / "samples.npz",
-                                  grid_path=work / "grid.png")
-        metrics = evaluate_samples(samples, track)
+        if retrain:
+            if train.main(retrain_args(record, work, track_arg)) != 0:
+                raise RecordError(f"{record_dir}: re-training from the record's config failed")
+            model_path = work / "retrain" / "model.safetensors"
+        else:
+            model_path = record_dir / record["artefacts"]["model"]["path"]
+        try:
+            model, _ = train.load_model(model_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise RecordError(str(e)) from e
+        evaluation, _, _ = train.score_model(model, spec, work)
     rows, ok = [], True
-    for name, tol in track.get("reproduction_tolerance", {}).items():
+    for name, tol in spec.get("reproduction_tolerance", {}).items():
         if name not in record["metrics"]:
             continue
-        good = within(record["metrics"][name], metrics[name], tol)
+        got = evaluation["mean"][name]
+        good = within(record["metrics"][name], got, tol)
         ok &= good
-        rows.append((name, record["metrics"][name], metrics[name], tol, good))
+        rows.append((name, record["metrics"][name], got, tol, good))
     return ok, rows
 
 
@@ -81,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("record", help="a record folder (records/<track>/<date>_<slug>)")
     parser.add_argument("--out", default=None, help="keep the regenerated samples and grid here")
     parser.add_argument("--track", default=None, help="track name or JSON path (default: the record's track)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="re-train from the record's config first (cheap tracks only, e.g. digits)")
     args = parser.parse_args(argv)
     try:
-        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None, args.track)
+        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None, args.track, args.retrain)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2
