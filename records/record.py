@@ -99,6 +99,8 @@ def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
     if check_artefacts:
         from preprocessing.shards import sha256_file
         for key, art in record["artefacts"].items():
+            if "path" not in art:
+                continue  # an external artefact (url + sha256): verified by whoever downloads it
             file = path.parent / art["path"]
             if not file.is_file():
                 raise RecordError(f"{path}: artefact {key} ({file}) is missing")
