@@ -15,7 +15,10 @@ values 0..16 and 10 classes (it ships with scikit-learn; nothing is downloaded).
   index.
 * ``reference.npz`` in the dataset directory is an ADM-style reference batch:
   ``arr_0`` = held-out images (uint8 NHWC) and ``labels``.  It is written
-  deterministically (fixed zip timestamps) and checksummed in the manifest.
+  deterministically (fixed zip timestamps) by the shared reference tool
+  (``preprocessing.reference.npz_bytes``; ``python -m preprocessing reference
+  --shards data/digits --split heldout --out x.npz`` rebuilds it byte for byte)
+  and checksummed in the manifest.
 
 CLI: ``python -m preprocessing.digits [--out data/digits] [--force]``.
 """
@@ -24,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import sys
-import zipfile
 from pathlib import Path
 from typing import Tuple, Union
 
@@ -98,17 +99,10 @@ def split_indices(labels: np.ndarray, seed: int = SPLIT_SEED) -> Tuple[np.ndarra
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    """An ``.npz`` (as np.savez, uncompressed) with fixed timestamps: byte-reproducible."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, array in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_STORED
-            info.external_attr = 0o644 << 16
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-            zf.writestr(info, member.getvalue())
-    return buf.getvalue()
+    """The reference batch bytes, written by the shared reference tool (preprocessing/reference.py)."""
+    from preprocessing.reference import npz_bytes
+
+    return npz_bytes(**arrays)
 
 
 def build_digits(out_dir: PathLike = DEFAULT_OUT, shard_size: int = SHARD_SIZE) -> Path:

@@ -118,3 +118,13 @@ get_encoder = _REGISTRY.build  # e.g. get_encoder("identity")
 
 
 register_encoder("identity")(IdentityEncoder)
+
+
+def _invae_factory(**kwargs) -> LatentEncoder:
+    """The INVAE (preprocessing/invae.py), imported on first use; kwargs: checkpoint, sha256, device, ..."""
+    from preprocessing.invae import INVAEEncoder
+
+    return INVAEEncoder(**kwargs)
+
+
+register_encoder("invae")(_invae_factory)

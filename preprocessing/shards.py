@@ -40,6 +40,12 @@ Layout of a dataset directory::
       }
     }
 
+Images-only datasets (written by ``python -m preprocessing convert`` before
+``encode`` has run) have ``"latent_encoder": null``, ``"latent_shape": null``,
+``"latent_scale": null`` and no ``"latents"`` entry in their shards;
+``encode`` adds the latents files beside the images and fills these fields in.
+Everything else about the format is the same.
+
 The writer is deterministic (no timestamps; a re-run writes byte-identical
 files) and atomic: everything is written into a temporary sibling directory
 which then replaces the destination with ``os.replace``.  The reader
@@ -85,6 +91,11 @@ __all__ = [
     "read_manifest",
     "verify_dataset",
     "sha256_file",
+    "shard_kinds",
+    "shard_file",
+    "dump_manifest",
+    "save_npy",
+    "write_manifest",
     "ShardDataset",
 ]
 
@@ -112,8 +123,43 @@ def _shard_file(split: str, kind: str, index: int) -> str:
     return f"{split}/{kind}-{index:05d}.npy"
 
 
+def shard_file(split: str, kind: str, index: int) -> str:
+    """Relative path of shard ``index`` of ``kind`` (images/latents/labels) in ``split``."""
+    return _shard_file(split, kind, index)
+
+
+def shard_kinds(manifest: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The kinds every shard of ``manifest`` has: all three, or no latents for an images-only dataset."""
+    if manifest.get("latent_encoder") is None:
+        return ("images", "labels")
+    return KINDS
+
+
 def _dump_manifest(manifest: Mapping[str, Any]) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def dump_manifest(manifest: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a manifest (sorted keys, indent 2, trailing newline)."""
+    return _dump_manifest(manifest)
+
+
+def write_manifest(root: PathLike, manifest: Mapping[str, Any]) -> Path:
+    """Atomically (temporary file, fsync, rename) write ``<root>/manifest.json``."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    tmp = root / f".{MANIFEST_NAME}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_dump_manifest(manifest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(root)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def _save_npy(path: Path, array: np.ndarray) -> Dict[str, Any]:
@@ -126,6 +172,11 @@ def _save_npy(path: Path, array: np.ndarray) -> Dict[str, Any]:
         "shape": [int(s) for s in array.shape],
         "sha256": sha256_file(path),
     }
+
+
+def save_npy(path: PathLike, array: np.ndarray) -> Dict[str, Any]:
+    """Write ``array`` as ``.npy`` (no pickle); returns its manifest entry (bytes, dtype, shape, sha256)."""
+    return _save_npy(Path(path), array)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -158,7 +209,7 @@ def write_dataset(
     out_dir: PathLike,
     name: str,
     splits: Mapping[str, Tuple[np.ndarray, np.ndarray]],
-    encoder: Union[LatentEncoder, str],
+    encoder: Union[LatentEncoder, str, None],
     class_names: Sequence[str],
     shard_size: int = DEFAULT_SHARD_SIZE,
     *,
@@ -171,7 +222,8 @@ def write_dataset(
     ``splits`` maps a split name to ``(images, labels)``: images uint8 NHWC
     ``[n, H, W, C]`` (any sliceable array, e.g. a memmap: it is read one shard
     at a time), labels integers in ``[0, len(class_names))``.  Latents are
-    ``encoder.encode(images)``.  ``metadata`` (JSON-serialisable) is stored in
+    ``encoder.encode(images)``; ``encoder=None`` writes an images-only dataset
+    (no latents; see the module docstring).  ``metadata`` (JSON-serialisable) is stored in
     the manifest; ``extras`` maps file names to bytes written next to the
     manifest and checksummed in it.
 
@@ -226,7 +278,9 @@ def write_dataset(
                 f"write_dataset: split {split!r}: labels outside [0, {len(class_names)})"
             )
     assert image_shape is not None
-    latent_shape = tuple(int(s) for s in encoder.latent_shape(image_shape))
+    latent_shape = (
+        tuple(int(s) for s in encoder.latent_shape(image_shape)) if encoder is not None else None
+    )
 
     out_dir = Path(out_dir)
     parent = out_dir.parent
@@ -253,19 +307,19 @@ def write_dataset(
             for index in range(math.ceil(n / shard_size)):
                 lo, hi = index * shard_size, min(n, (index + 1) * shard_size)
                 shard_images = np.ascontiguousarray(images[lo:hi], dtype=np.uint8)
-                shard_latents = _encode_shard(encoder, shard_images, encode_batch_size)
-                expected = (hi - lo,) + latent_shape
-                if shard_latents.shape != expected:
-                    raise ValueError(
-                        f"write_dataset: encoder {encoder.name!r} produced latents of shape "
-                        f"{shard_latents.shape}, expected {expected}"
-                    )
+                arrays = [("images", shard_images)]
+                if encoder is not None:
+                    shard_latents = _encode_shard(encoder, shard_images, encode_batch_size)
+                    expected = (hi - lo,) + latent_shape
+                    if shard_latents.shape != expected:
+                        raise ValueError(
+                            f"write_dataset: encoder {encoder.name!r} produced latents of shape "
+                            f"{shard_latents.shape}, expected {expected}"
+                        )
+                    arrays.append(("latents", shard_latents))
+                arrays.append(("labels", labels_arr[lo:hi]))
                 record: Dict[str, Any] = {"count": hi - lo}
-                for kind, array in (
-                    ("images", shard_images),
-                    ("latents", shard_latents),
-                    ("labels", labels_arr[lo:hi]),
-                ):
+                for kind, array in arrays:
                     rel = _shard_file(split, kind, index)
                     record[kind] = {"path": rel, **_save_npy(staging / rel, array)}
                 shards.append(record)
@@ -285,9 +339,9 @@ def write_dataset(
             "resolution": int(image_shape[0]),
             "image_channels": int(image_shape[2]),
             "image_shape": [int(s) for s in image_shape],
-            "latent_shape": list(latent_shape),
-            "latent_encoder": encoder.name,
-            "latent_scale": float(encoder.scale),
+            "latent_shape": list(latent_shape) if latent_shape is not None else None,
+            "latent_encoder": encoder.name if encoder is not None else None,
+            "latent_scale": float(encoder.scale) if encoder is not None else None,
             "class_names": class_names,
             "num_classes": len(class_names),
             "shard_size": shard_size,
@@ -341,11 +395,16 @@ def read_manifest(root: PathLike) -> Dict[str, Any]:
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ShardFormatError(f"{path}: corrupt manifest: missing keys {missing}")
+    kinds = shard_kinds(manifest)
     try:
         image_shape = [int(s) for s in manifest["image_shape"]]
-        latent_shape = [int(s) for s in manifest["latent_shape"]]
-        if len(image_shape) != 3 or len(latent_shape) != 3:
-            raise ValueError("image_shape and latent_shape must have 3 entries")
+        if len(image_shape) != 3:
+            raise ValueError("image_shape must have 3 entries")
+        if "latents" in kinds:
+            latent_shape = [int(s) for s in manifest["latent_shape"]]
+            if len(latent_shape) != 3:
+                raise ValueError("latent_shape must have 3 entries")
+            float(manifest["latent_scale"])
         if image_shape[0] != int(manifest["resolution"]) or image_shape[2] != int(
             manifest["image_channels"]
         ):
@@ -362,7 +421,7 @@ def read_manifest(root: PathLike) -> Dict[str, Any]:
             if sum(int(s["count"]) for s in shards) != int(record["count"]):
                 raise ValueError(f"split {split!r}: shard counts do not add up to its count")
             for index, shard in enumerate(shards):
-                for kind in KINDS:
+                for kind in kinds:
                     entry = shard[kind]
                     if entry["path"] != _shard_file(split, kind, index):
                         raise ValueError(f"split {split!r}: unexpected shard path {entry['path']!r}")
@@ -406,7 +465,7 @@ def verify_dataset(root: PathLike, splits: Optional[Iterable[str]] = None) -> Di
                 f"{root / MANIFEST_NAME}: no split {split!r} (have {sorted(manifest['splits'])})"
             )
         for shard in manifest["splits"][split]["shards"]:
-            for kind in KINDS:
+            for kind in shard_kinds(manifest):
                 _verify_file(root, shard[kind]["path"], shard[kind])
     for extra, entry in (manifest.get("extras") or {}).items():
         _verify_file(root, extra, entry)
@@ -437,10 +496,14 @@ class ShardDataset:
         self.class_names: List[str] = list(m["class_names"])
         self.num_classes: int = len(self.class_names)
         self.image_shape: Tuple[int, int, int] = tuple(int(s) for s in m["image_shape"])  # type: ignore[assignment]
-        self.latent_shape: Tuple[int, int, int] = tuple(int(s) for s in m["latent_shape"])  # type: ignore[assignment]
         self.resolution: int = int(m["resolution"])
-        self.latent_encoder: str = m["latent_encoder"]
-        self.latent_scale: float = float(m["latent_scale"])
+        # An images-only dataset (not encoded yet) has no latents: these three are None.
+        self.has_latents: bool = "latents" in shard_kinds(m)
+        self.latent_shape: Optional[Tuple[int, int, int]] = (
+            tuple(int(s) for s in m["latent_shape"]) if self.has_latents else None  # type: ignore[assignment]
+        )
+        self.latent_encoder: Optional[str] = m["latent_encoder"]
+        self.latent_scale: Optional[float] = float(m["latent_scale"]) if self.has_latents else None
 
         self._images: List[np.ndarray] = []
         self._latents: List[np.ndarray] = []
@@ -450,7 +513,10 @@ class ShardDataset:
             n = int(shard["count"])
             counts.append(n)
             self._images.append(self._open(shard["images"]["path"], "images", (n,) + self.image_shape))
-            self._latents.append(self._open(shard["latents"]["path"], "latents", (n,) + self.latent_shape))
+            if self.has_latents:
+                self._latents.append(
+                    self._open(shard["latents"]["path"], "latents", (n,) + self.latent_shape)
+                )
             label_parts.append(np.array(self._open(shard["labels"]["path"], "labels", (n,))))
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._len = int(self._offsets[-1])
@@ -528,7 +594,25 @@ class ShardDataset:
 
     def get_latents(self, indices: Any) -> np.ndarray:
         """float32 NCHW latents at global ``indices`` (ints, array or slice), in that order."""
+        if not self.has_latents:
+            raise ShardFormatError(
+                f"{self.root / MANIFEST_NAME}: dataset has no latents yet (images only); "
+                f"run: python -m preprocessing encode {self.root} --encoder <name>"
+            )
         return self._gather(self._latents, indices, self.latent_shape, np.float32)
+
+    def image_shards(self) -> List[np.ndarray]:
+        """The memory-mapped image arrays, one per shard (read-only)."""
+        return list(self._images)
+
+    def latent_shards(self) -> List[np.ndarray]:
+        """The memory-mapped latent arrays, one per shard (read-only; empty if images only)."""
+        return list(self._latents)
+
+    @property
+    def shard_offsets(self) -> np.ndarray:
+        """Global index of the first sample of each shard, plus the total at the end."""
+        return self._offsets.copy()
 
     def get_labels(self, indices: Any) -> np.ndarray:
         return self.labels[self._normalize(indices)]

@@ -1,0 +1,249 @@
+"""INVAE: architecture/key layout, random-init encode/decode at small size, checkpoint loading and checksums,
+and `encode` (latents beside the images, statistics, resume, nothing lost on failure)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from preprocessing.encode import EncodeError, encode_dataset
+from preprocessing.encoders import IdentityEncoder, get_encoder
+from preprocessing.invae import (
+    INVAE,
+    CheckpointError,
+    INVAEConfig,
+    INVAEEncoder,
+    convert_checkpoint,
+    load_invae,
+)
+from preprocessing.loader import ShardLoader
+from preprocessing.shards import ShardDataset, verify_dataset, write_dataset
+
+TINY = INVAEConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=4, norm_groups=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions are dominated by thread synchronisation on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_model(seed=0) -> INVAE:
+    torch.manual_seed(seed)
+    return INVAE(TINY).eval()
+
+
+def _images(n=3, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def _save_safetensors(model, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_published_architecture_layout():
+    model = INVAE()  # the f16d32 defaults
+    sd = model.state_dict()
+    assert tuple(sd["encoder.conv_in.weight"].shape) == (128, 3, 3, 3)
+    assert tuple(sd["encoder.conv_out.weight"].shape) == (64, 512, 3, 3)  # 2 x 32 latent channels
+    assert tuple(sd["quant_conv.weight"].shape) == (64, 64, 1, 1)
+    assert tuple(sd["post_quant_conv.weight"].shape) == (32, 32, 1, 1)
+    assert tuple(sd["decoder.conv_in.weight"].shape) == (512, 32, 3, 3)
+    assert tuple(sd["encoder.down.2.block.0.nin_shortcut.weight"].shape) == (256, 128, 1, 1)
+    assert "encoder.down.4.attn.1.q.weight" in sd and "encoder.down.3.attn.0.q.weight" not in sd
+    assert "decoder.up.4.attn.2.proj_out.bias" in sd and "decoder.up.3.attn.0.q.weight" not in sd
+    assert "encoder.mid.attn_1.k.weight" in sd and "decoder.mid.block_2.conv2.weight" in sd
+    assert "encoder.down.4.downsample.conv.weight" not in sd and "decoder.up.0.upsample.conv.weight" not in sd
+    assert len([k for k in sd if k.startswith("encoder.down.0.block.")]) == 2 * 8  # 2 blocks per level
+    assert len({k.split(".")[4] for k in sd if k.startswith("decoder.up.0.block.")}) == 3  # 3 in the decoder
+    with torch.no_grad():
+        mean, logvar = model.encode_moments(torch.zeros(1, 3, 32, 32))
+    assert mean.shape == logvar.shape == (1, 32, 2, 2)  # 16x downsampling, 32 channels
+
+
+def test_random_init_encode_decode_small():
+    enc = INVAEEncoder(model=_tiny_model(), device="cpu", batch_size=2)
+    images = _images()
+    latents = enc.encode(images)
+    assert isinstance(latents, np.ndarray) and latents.dtype == np.float32 and latents.shape == (3, 4, 4, 4)
+    assert enc.latent_shape((16, 16, 3)) == (4, 4, 4)
+    with torch.no_grad():
+        mean, _ = enc.model.encode_moments(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    np.testing.assert_allclose(latents, 0.3099 * mean.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(enc.encode(images), latents)  # deterministic
+    decoded = enc.decode(latents)
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (3, 16, 16, 3)
+    assert torch.is_tensor(enc.encode(torch.from_numpy(images)))
+    with pytest.raises(ValueError, match="divisible"):
+        enc.latent_shape((18, 18, 3))
+
+
+def test_checkpoint_loading_checksum_and_keys(tmp_path):
+    model = _tiny_model(seed=1)
+    ckpt = tmp_path / "tiny.safetensors"
+    digest = _save_safetensors(model, ckpt)
+    loaded = load_invae(ckpt, digest, TINY)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    enc = get_encoder("invae", checkpoint=ckpt, sha256=digest.upper(), config=TINY, device="cpu")
+    assert np.array_equal(enc.encode(_images()), INVAEEncoder(model=model, device="cpu").encode(_images()))
+    assert enc.describe()["checkpoint_sha256"] == digest
+
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_invae(ckpt, "0" * 64, TINY)
+    with pytest.raises(CheckpointError, match="64-digit"):
+        load_invae(ckpt, "abc", TINY)
+    with pytest.raises(CheckpointError, match="needs checkpoint"):
+        INVAEEncoder(checkpoint=ckpt, config=TINY)
+    pt = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), pt)
+    with pytest.raises(CheckpointError, match="only .safetensors"):
+        load_invae(pt, hashlib.sha256(pt.read_bytes()).hexdigest(), TINY)
+    renamed = tmp_path / "disguised.safetensors"  # a pickle under a safetensors name
+    renamed.write_bytes(pt.read_bytes())
+    with pytest.raises(CheckpointError, match="only .safetensors"):
+        load_invae(renamed, hashlib.sha256(renamed.read_bytes()).hexdigest(), TINY)
+
+    # a key missing / a wrong shape is named
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd.pop("encoder.mid.attn_1.q.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    with pytest.raises(CheckpointError, match=r"missing keys: encoder\.mid\.attn_1\.q\.weight.*unexpected keys: extra"):
+        load_invae(bad, hashlib.sha256(bad.read_bytes()).hexdigest(), TINY)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_invae(ckpt, digest, INVAEConfig(ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, attn_levels=(2,),
+                                             z_channels=4, norm_groups=4))
+
+
+def test_convert_pickled_checkpoint(tmp_path):
+    model = _tiny_model(seed=2)
+    pt = tmp_path / "e2e.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, pt)
+    pt_sha = hashlib.sha256(pt.read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        convert_checkpoint(pt, tmp_path / "x.safetensors", "f" * 64, TINY)
+    assert not (tmp_path / "x.safetensors").exists()
+    out = tmp_path / "e2e.safetensors"
+    digest = convert_checkpoint(pt, out, pt_sha, TINY)
+    assert digest == hashlib.sha256(out.read_bytes()).hexdigest()
+    loaded = load_invae(out, digest, TINY)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, evil)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        convert_checkpoint(evil, tmp_path / "evil.safetensors", None, TINY)
+
+
+# --------------------------------------------------------------------------- encode a dataset
+
+
+@pytest.fixture
+def images_only(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=10)
+    root = tmp_path / "ds"
+    write_dataset(root, "tiny", {"train": (images, labels), "val": (images[:3], labels[:3])}, None,
+                  ["a", "b", "c"], shard_size=4)
+    return root, images
+
+
+def test_encode_invae_latents_beside_images_with_stats(images_only):
+    root, images = images_only
+    enc = INVAEEncoder(model=_tiny_model(), device="cpu", batch_size=3)
+    encode_dataset(root, enc, batch_size=3, progress=False, log=lambda *a: None)
+    manifest = verify_dataset(root)
+    assert manifest["latent_encoder"] == "invae" and manifest["latent_scale"] == pytest.approx(0.3099)
+    assert manifest["latent_shape"] == [4, 4, 4]
+    assert [s["latents"]["path"] for s in manifest["splits"]["train"]["shards"]] == [
+        "train/latents-00000.npy", "train/latents-00001.npy", "train/latents-00002.npy"]
+    ds = ShardDataset(root, "train")
+    stored = ds.get_latents(slice(None))
+    # CPU convolutions may round differently for other batch shapes: compare with a tolerance
+    np.testing.assert_allclose(stored, enc.encode(images), rtol=1e-4, atol=1e-6)
+    # ... but the same shard-by-shard batching reproduces the stored latents exactly
+    np.testing.assert_array_equal(stored[:4], enc.encode(images[:4]))
+    stats = manifest["metadata"]["latent_stats"]["train"]
+    flat = stored.astype(np.float64).transpose(1, 0, 2, 3).reshape(4, -1)
+    assert stats["count"] == 10 * 16
+    np.testing.assert_allclose(stats["mean"], flat.mean(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats["std"], flat.std(axis=1), rtol=1e-10)
+    assert not (root / ".encode-state.json").exists() and not (root / "train" / ".encode").exists()
+    batch = next(iter(ShardLoader(root, "train", global_batch=4, seed=0, with_images=True)))
+    assert batch.latents.shape == (4, 4, 4, 4) and batch.images.dtype == torch.uint8
+    with pytest.raises(EncodeError, match="--force"):
+        encode_dataset(root, IdentityEncoder(), progress=False, log=lambda *a: None)
+    encode_dataset(root, IdentityEncoder(), force=True, progress=False, log=lambda *a: None)
+    ds = ShardDataset(root, "train")
+    assert ds.latent_encoder == "identity"
+    np.testing.assert_array_equal(ds.get_latents(slice(None)), IdentityEncoder().encode(images))
+
+
+def test_encode_failure_loses_nothing_and_resumes(images_only):
+    root, images = images_only
+    manifest_before = (root / "manifest.json").read_bytes()
+
+    class Flaky(IdentityEncoder):
+        calls = 0
+
+        def encode(self, batch):
+            Flaky.calls += 1
+            if Flaky.calls == 3:
+                raise RuntimeError("simulated crash")
+            return super().encode(batch)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        encode_dataset(root, Flaky(), batch_size=4, progress=False, log=lambda *a: None)
+    assert (root / "manifest.json").read_bytes() == manifest_before  # still a valid images-only dataset
+    verify_dataset(root)
+    state = json.loads((root / ".encode-state.json").read_text())
+    assert sorted(state["done"]["train"]) == ["0", "1"]
+
+    class Counting(IdentityEncoder):
+        seen = 0
+
+        def encode(self, batch):
+            Counting.seen += len(batch)
+            return super().encode(batch)
+
+    encode_dataset(root, Counting(), batch_size=4, progress=False, log=lambda *a: None)
+    assert Counting.seen == 10 - 8 + 3  # train shard 2 (2 images) + val (3); shards 0 and 1 were kept
+    np.testing.assert_array_equal(ShardDataset(root, "train").get_latents(slice(None)),
+                                  IdentityEncoder().encode(images))
+
+
+def test_cli_encode(images_only):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, images = images_only
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "preprocessing", "encode", str(root), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)  # invae without a checkpoint
+    assert proc.returncode == 2 and "--vae-sha256" in proc.stderr
+    proc = subprocess.run(cmd + ["--encoder", "invae", "--vae", str(root / "none.safetensors"),
+                                 "--vae-sha256", "0" * 64], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 2 and "checkpoint file not found" in proc.stderr
+    proc = subprocess.run(cmd + ["--encoder", "identity"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(ShardDataset(root, "val").get_latents(slice(None)),
+                                  IdentityEncoder().encode(images[:3]))
