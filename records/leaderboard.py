@@ -75,18 +75,18 @@ def render_markdown(records_dir: Path) -> str:
     for folder in find_records(records_dir):
         record = load_record(folder)
         rows.setdefault(record["track"], []).append(record | {"_folder": folder})
-    out = [HEADER, "# Leaderboard\n"]
-    out.append("Every row is a record folder under `records/`; reproduce one with "
+    out = [HEADER, "\n# Leaderboard\n"]
+    out.append("\nEvery row is a record folder under `records/`; reproduce one with "
                "`bash eval.sh <record folder>`. Numbers of different tracks are not comparable.\n")
     for name in sorted(set(tracks) | set(rows)):
         track = tracks.get(name, {"title": name, "primary_metric": "fid", "lower_is_better": ["fid"],
                                   "evaluation": {"metrics": []}})
         out.append(f"\n## {track.get('title', name)} (`{name}`)\n")
         if "description" in track:
-            out.append(track["description"] + "\n")
+            out.append("\n" + track["description"] + "\n")
         if name in tracks:
             budget, ev = track["budget"], track["evaluation"]
-            out.append(f"Budget: {budget['iterations']} iterations x global batch {budget['global_batch']}. "
+            out.append(f"\nBudget: {budget['iterations']} iterations x global batch {budget['global_batch']}. "
                        f"Protocol: {ev['num_samples']} samples, {ev['sampler']} {ev['num_steps']} steps, "
                        f"guidance {ev['guidance_scale']}, {ev['labels']} labels, features "
                        f"`{ev['feature_network']}` against the `{ev['reference']}` reference. "
