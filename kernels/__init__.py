@@ -1,0 +1,84 @@
+"""Fused Triton kernels for SiT/SR-DiT training, each with a plain-PyTorch twin.
+
+    attention(q, k, v, *, rope=None, q_norm_weight=None, k_norm_weight=None, scale=None,
+              eps=1e-6, backend='auto')                                  -> [B, H, N, D]
+    attention_packed(qkv, heads, *, rope=..., ...)                       -> [B, N, C]
+    modulated_rmsnorm(x, shift, scale, weight=None, eps=1e-6, *, out_dtype=None, backend='auto')
+    gated_residual_modulated_rmsnorm(x, u, gate, shift, scale, weight=None, eps=1e-6, *, ...)
+                                                                         -> (x + gate*u, norm)
+    rope_2d_table(grid_h, grid_w, head_dim, theta=10000., num_prefix_tokens=0, device=None)
+                                                                         -> (cos, sin)
+backend: 'torch' (reference ops), 'triton' (kernels; interpreted on CPU tensors), 'auto'
+(Triton where CUDA + Triton work, or on CPU when TRITON_INTERPRET=1; else torch).
+See kernels/README.md for conventions, numerics and the benchmark.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._dispatch import BACKENDS, resolve_backend, triton_available, triton_status
+from .flash import attention, attention_packed
+from .adaln import gated_residual_modulated_rmsnorm, modulated_rmsnorm
+from .reference import (apply_rope, attention_reference, attention_torch,
+                        gated_residual_modulated_rmsnorm_reference, modulated_rmsnorm_reference,
+                        qk_prologue, rms_norm, rope_2d_angles, rope_2d_table)
+
+__all__ = [
+    "BACKENDS", "apply_rope", "attention", "attention_packed", "attention_reference",
+    "attention_torch", "gated_residual_modulated_rmsnorm",
+    "gated_residual_modulated_rmsnorm_reference", "modulated_rmsnorm",
+    "modulated_rmsnorm_reference", "qk_prologue", "resolve_backend", "rms_norm", "rope_2d_angles",
+    "rope_2d_table", "selfcheck", "triton_available", "triton_status",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _selfcheck(device: str) -> tuple[bool, str]:
+    dev = torch.device(device)
+    ok, why = triton_status(dev) if dev.type == "cuda" else (True, "interpreted")
+    if not ok:
+        return False, why
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        b, h, n, d = 2, 2, 37, 64
+        q, k, v = (torch.randn(b, h, n, d, generator=g).to(dev, dtype).requires_grad_()
+                   for _ in range(3))
+        w = torch.randn(d, generator=g).to(dev).requires_grad_()
+        rope = rope_2d_table(6, 6, d, num_prefix_tokens=1, device=dev)
+        outs = []
+        for backend in ("triton", "torch"):
+            o = attention(q, k, v, rope=rope, q_norm_weight=w, k_norm_weight=w, backend=backend)
+            grads = torch.autograd.grad(o.float().square().sum(), (q, k, v, w))
+            outs.append([o, *grads])
+        for a, r in zip(*outs):
+            err = (a.float() - r.float()).abs().max().item()
+            if not err <= 0.05 * max(1.0, r.float().abs().max().item()):
+                return False, f"attention self-check mismatch (max error {err:.3g})"
+        x, u = (torch.randn(b, n, 96, generator=g).to(dev, dtype).requires_grad_()
+                for _ in range(2))
+        sh, sc, ga = (torch.randn(b, 96, generator=g).to(dev, dtype).requires_grad_()
+                      for _ in range(3))
+        outs = []
+        for backend in ("triton", "torch"):
+            y = modulated_rmsnorm(x, sh, sc, backend=backend)
+            h, z = gated_residual_modulated_rmsnorm(x, u, ga, sh, sc, backend=backend)
+            loss = y.float().square().sum() + (h.float() * z.float()).sum()
+            grads = torch.autograd.grad(loss, (x, u, sh, sc, ga))
+            outs.append([y, h, z, *grads])
+        for a, r in zip(*outs):
+            err = (a.float() - r.float()).abs().max().item()
+            if not err <= 0.05 * max(1.0, r.float().abs().max().item()):
+                return False, f"modulated-norm self-check mismatch (max error {err:.3g})"
+    except Exception as e:  # compilation or launch failure: fall back
+        return False, f"{e.__class__.__name__}: {e}"
+    return True, "ok"
+
+
+def selfcheck(device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """Compile and run every kernel once on `device` against the torch backend (cached per
+    device). Meant for the trainer's start-up under `--kernels auto`: fall back to 'torch' when
+    it returns (False, reason)."""
+    return _selfcheck(str(torch.device(device)))

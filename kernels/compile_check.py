@@ -1,0 +1,113 @@
+"""Compile the Triton kernels ahead of time for a GPU architecture, without a GPU.
+
+    python -m kernels.compile_check                        # sm_90 (H100), representative cases
+    python -m kernels.compile_check --arch 80 --level all  # sm_80, every dtype x head_dim x flags
+
+The interpreter (the CPU tests) is more permissive than the GPU compiler: it accepts non-constexpr
+globals, tl.dot with K < 16, and never checks shared memory. This runs the real front end and
+backend (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas shipped in the triton wheel) on
+CPU, so such errors show up on machines without a GPU. It does not check numerics or speed.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+POINTERS_ATTN_DATA = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+POINTERS_FP32 = ("LSE", "COS", "SIN", "QW", "KW", "DELTA", "DKW", "DQW", "RSTD", "PSHIFT",
+                 "PSCALE", "PW", "PGATE")
+FLOATS = ("qk_scale", "eps", "sm_scale")
+
+
+def _signature(fn, data_ptr: str, consts: dict, overrides: dict | None = None) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif overrides and name in overrides:
+            sig[name] = overrides[name]
+        elif name in POINTERS_ATTN_DATA:
+            sig[name] = data_ptr
+        elif name in POINTERS_FP32:
+            sig[name] = "*fp32"
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile(fn, sig, consts, arch: int, num_warps: int, num_stages: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    src = ASTSource(fn, sig, constexprs={k: v for k, v in consts.items() if k in fn.arg_names})
+    return triton_compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def cases(level: str):
+    """(label, kernel name, data pointer type, constexprs, launch options) for a level:
+    'smoke' (SiT-B/1 training: bf16, D=64, QK-norm + interleaved RoPE, and the norms),
+    'default' (+ fp32 and the plain kernel), 'all' (every dtype, head_dim and flag mix)."""
+    dtypes = {"smoke": ["bf16"], "default": ["bf16", "fp32"], "all": ["bf16", "fp16", "fp32"]}
+    dims = [32, 64, 128] if level == "all" else [64]
+    prologues = [(True, True, True, True)]  # qnorm, knorm, rope, interleaved
+    if level != "smoke":
+        prologues.append((False, False, False, False))
+    if level == "all":
+        prologues += [(True, True, True, False), (True, False, False, False),
+                      (False, False, True, True)]
+    for dt, d, (qn, kn, rope, il) in itertools.product(dtypes[level], dims, prologues):
+        flags = dict(HEAD_DIM=d, HAS_QNORM=qn, HAS_KNORM=kn, HAS_ROPE=rope,
+                     DOT_PREC="ieee" if dt == "fp32" else "tf32", INTERLEAVED=il)
+        label = f"{dt} D={d} qnorm={int(qn)} knorm={int(kn)} rope={int(rope)} inter={int(il)}"
+        yield label, "attn_fwd", dt, dict(flags, BLOCK_M=128, BLOCK_N=64), (4, 3)
+        yield label, "attn_bwd_dkdv", dt, dict(flags, BLOCK_M=32, BLOCK_N=64), (4, 2)
+        yield label, "attn_bwd_dq", dt, dict(flags, BLOCK_M=64, BLOCK_N=32), (4, 2)
+    yield "bf16 D=64", "attn_bwd_delta", "bf16", dict(HEAD_DIM=64, BLOCK_M=64), (4, 2)
+    norm_cases = [("bf16", True, False), ("bf16", False, False)] if level == "smoke" else list(
+        itertools.product(["bf16", "fp32"], [False, True], [False, True]))
+    for dt, res, w in norm_cases:
+        label = f"norm {dt} residual={int(res)} weight={int(w)}"
+        consts = dict(BLOCK_R=4, BLOCK_C=1024, HAS_W=w, HAS_RES=res)
+        yield label, "modnorm_fwd", dt, consts, (8, 1)
+        yield label, "modnorm_bwd", dt, dict(consts, HAS_DH=res), (8, 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="compile the kernels for a GPU arch on CPU")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
+    p.add_argument("--level", choices=["smoke", "default", "all"], default="default",
+                   help="smoke: what SiT-B/1 training uses; all: every dtype x head_dim x flags")
+    args = p.parse_args(argv)
+    from . import _loader
+
+    mods = {"attention": _loader.load("attention", interpret=False),
+            "norm": _loader.load("norm", interpret=False)}
+    failures = 0
+    for label, name, dt, consts, (warps, stages) in cases(args.level):
+        mod = mods["norm" if name.startswith("modnorm") else "attention"]
+        fn = getattr(mod, name)
+        overrides = None
+        if name.startswith("modnorm"):  # data pointers of the norm kernels
+            overrides = {n: f"*{dt}" for n in ("X", "U", "GATE", "SHIFT", "SCALE", "W", "H", "Y",
+                                               "DY", "DH", "DX", "DU")}
+        t0 = time.perf_counter()
+        try:
+            k = _compile(fn, _signature(fn, f"*{dt}", consts, overrides), consts, args.arch,
+                         warps, stages)
+            print(f"ok    {name:15s} {label:48s} smem {k.metadata.shared:6d} B  "
+                  f"{time.perf_counter() - t0:5.1f} s", flush=True)
+        except Exception as e:
+            failures += 1
+            print(f"FAIL  {name:15s} {label:48s} {type(e).__name__}: {str(e)[:400]}", flush=True)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

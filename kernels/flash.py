@@ -1,0 +1,261 @@
+"""Fused attention: launchers, autograd Functions and the public dispatch functions."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _loader, reference
+from ._dispatch import autocast_inputs, resolve_backend
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (32, 64, 128)
+
+
+def _kernels(device: torch.device):
+    return _loader.load("attention", interpret=device.type != "cuda")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhnd_buffer(like: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, N, D] view whose memory is [B, N, H, D]: `.transpose(1, 2).reshape(B, N,
+    H * D)` of it is free, which is what the projection after attention needs."""
+    b, h, n, d = like.shape
+    return torch.empty(b, n, h, d, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _rope_args(rope, q: torch.Tensor):
+    """(cos, sin, stride_b, stride_n) for the kernels, validated."""
+    b, _, n, d = q.shape
+    if rope is None:
+        return q, q, 0, 0
+    cos, sin = rope
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}")
+    if cos.dim() not in (2, 3) or tuple(cos.shape[-2:]) != (n, d // 2) or (
+            cos.dim() == 3 and cos.shape[0] not in (1, b)):
+        raise ValueError(f"RoPE tables must be [N, D/2] or [B, N, D/2] = [{n}, {d // 2}] or "
+                         f"[{b}, {n}, {d // 2}], got {tuple(cos.shape)}")
+    cos = cos.to(device=q.device, dtype=torch.float32).contiguous()
+    sin = sin.to(device=q.device, dtype=torch.float32).contiguous()
+    stride_b = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
+    return cos, sin, stride_b, cos.stride(-2)
+
+
+def _autotuned(mod) -> bool:
+    """Compiled kernels are autotuned unless KERNELS_AUTOTUNE=0 (read at every launch)."""
+    return not mod.INTERPRET and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _flags(q, rope, qw, kw, interleaved: bool) -> dict:
+    return dict(HEAD_DIM=q.shape[-1], HAS_QNORM=qw is not None, HAS_KNORM=kw is not None,
+                HAS_ROPE=rope is not None, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                INTERLEAVED=rope is not None and interleaved)
+
+
+def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
+    b, h, n, d = q.shape
+    mod = _kernels(q.device)
+    lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
+    cos, sin, scb, scn = _rope_args(rope, q)
+    args = (q, k, v, o, lse, cos, sin, q if qw is None else qw, q if kw is None else kw,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            scb, scn, h, n, scale * LOG2E, eps)
+    flags = _flags(q, rope, qw, kw, interleaved)
+    if _autotuned(mod):
+        mod.attn_fwd_tuned[lambda m: (_cdiv(n, m["BLOCK_M"]), b * h)](*args, **flags)
+    else:
+        meta = mod.FIXED_META["fwd"]
+        mod.attn_fwd[(_cdiv(n, meta["BLOCK_M"]), b * h)](*args, **flags, **meta)
+    return lse
+
+
+def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, interleaved):
+    """Writes dq, dk, dv (preallocated, any strides with unit last stride); returns (dqw, dkw)."""
+    b, h, n, d = q.shape
+    dev = q.device
+    mod = _kernels(dev)
+    cos, sin, scb, scn = _rope_args(rope, q)
+    delta = torch.empty(b * h, n, device=dev, dtype=torch.float32)
+    flags = _flags(q, rope, qw, kw, interleaved)
+    # per-program partial sums of the norm weights' gradients; sized for the smallest tile, and
+    # zeroed (also between autotuning runs) so rows a config does not write add nothing. Without
+    # a norm they are 1-element placeholders (never the LSE: autotuning zeroes them).
+    tuned = _autotuned(mod)
+    fixed = mod.FIXED_META
+    min_tile = (mod.TUNED_MIN_TILE if tuned else
+                min(fixed["dkdv"]["BLOCK_N"], fixed["dq"]["BLOCK_M"]))
+    rows = b * h * _cdiv(n, min_tile)
+    dqw_part = torch.zeros(rows if qw is not None else 1, d, device=dev, dtype=torch.float32)
+    dkw_part = torch.zeros(rows if kw is not None else 1, d, device=dev, dtype=torch.float32)
+    qw_arg = q if qw is None else qw
+    kw_arg = q if kw is None else kw
+
+    mod.attn_bwd_delta[(_cdiv(n, 64), b * h)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+        do.stride(2), h, n, HEAD_DIM=d, BLOCK_M=64)
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, dkw_part, cos, sin, qw_arg, kw_arg,
+                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
+                 dv.stride(2), scb, scn, h, n, scale * LOG2E, eps)
+    dq_args = (q, k, v, do, lse, delta, dq, dqw_part, cos, sin, qw_arg, kw_arg,
+               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+               dq.stride(0), dq.stride(1), dq.stride(2), scb, scn, h, n, scale * LOG2E, scale, eps)
+    if tuned:
+        mod.attn_bwd_dkdv_tuned[lambda m: (_cdiv(n, m["BLOCK_N"]), b * h)](*dkdv_args, **flags)
+        mod.attn_bwd_dq_tuned[lambda m: (_cdiv(n, m["BLOCK_M"]), b * h)](*dq_args, **flags)
+    else:
+        meta = fixed["dkdv"]
+        mod.attn_bwd_dkdv[(_cdiv(n, meta["BLOCK_N"]), b * h)](*dkdv_args, **flags, **meta)
+        meta = fixed["dq"]
+        mod.attn_bwd_dq[(_cdiv(n, meta["BLOCK_M"]), b * h)](*dq_args, **flags, **meta)
+    dqw = dqw_part.sum(0).to(qw.dtype) if qw is not None else None
+    dkw = dkw_part.sum(0).to(kw.dtype) if kw is not None else None
+    return dqw, dkw
+
+
+class TritonAttention(torch.autograd.Function):
+    """softmax(scale * P(q) P(k)^T) v on [B, H, N, D] tensors, P = RoPE(RMSNorm(.)) (each
+    optional); the prologue is recomputed in the backward, only q, k, v, o and the LSE are saved."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        rope = None if cos is None else (cos, sin)
+        o = _bhnd_buffer(q)
+        lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
+        ctx.save_for_backward(q, k, v, o, lse, cos, sin, q_norm_weight, k_norm_weight)
+        ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cos, sin, qw, kw = ctx.saved_tensors
+        rope = None if cos is None else (cos, sin)
+        dq, dk, dv = _bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v)
+        dqw, dkw = _launch_bwd(q, k, v, o, lse, _unit_last(do), dq, dk, dv, rope, qw, kw,
+                               ctx.scale, ctx.eps, ctx.interleaved)
+        return dq, dk, dv, None, None, dqw, dkw, None, None, None
+
+
+class TritonAttentionPacked(torch.autograd.Function):
+    """The same on a packed qkv [B, N, 3 * H * D] (the output of one Linear): q, k, v are read
+    through strides, the output is [B, N, H * D] and the gradient is one packed tensor, so no
+    permute/contiguous copies happen on either side."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                interleaved):
+        qkv = _unit_last(qkv)
+        b, n, c3 = qkv.shape
+        q, k, v = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+        rope = None if cos is None else (cos, sin)
+        o = _bhnd_buffer(q)
+        lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
+        out = o.transpose(1, 2).reshape(b, n, c3 // 3)
+        ctx.save_for_backward(qkv, out, lse, cos, sin, q_norm_weight, k_norm_weight)
+        ctx.heads, ctx.scale, ctx.eps, ctx.interleaved = heads, scale, eps, interleaved
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse, cos, sin, qw, kw = ctx.saved_tensors
+        b, n, c3 = qkv.shape
+        heads = ctx.heads
+        d = c3 // (3 * heads)
+        q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+        o = out.view(b, n, heads, d).transpose(1, 2)
+        do = _unit_last(dout.reshape(b, n, heads, d).transpose(1, 2))
+        dqkv = torch.empty_like(qkv)
+        dq, dk, dv = dqkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+        rope = None if cos is None else (cos, sin)
+        dqw, dkw = _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, ctx.scale, ctx.eps,
+                               ctx.interleaved)
+        return dqkv, None, None, None, dqw, dkw, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def unsupported_reason(q, k, v, rope=None, q_norm_weight=None, k_norm_weight=None) -> str | None:
+    """None when the Triton attention kernels support these inputs, else why not."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return "q, k, v must be 4-D [B, H, N, D]"
+    if not (q.shape == k.shape == v.shape):
+        return f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} not in {HEAD_DIMS}"
+    if q.shape[2] < 1:
+        return "empty sequence"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v dtypes differ"
+    allowed = (torch.float32, torch.float16) if q.device.type == "cpu" else (
+        torch.float32, torch.float16, torch.bfloat16)
+    if q.dtype not in allowed:
+        why = " (the Triton interpreter has no bf16)" if q.dtype == torch.bfloat16 else ""
+        return f"dtype {q.dtype} unsupported on {q.device.type}{why}"
+    if not (q.device == k.device == v.device):
+        return "q, k, v on different devices"
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None and (w.shape != (q.shape[-1],) or w.device != q.device):
+            return f"{name} must be a [{q.shape[-1]}] tensor on {q.device}"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+              q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+              scale: float | None = None, eps: float = 1e-6, rope_interleaved: bool = True,
+              backend: str = "auto") -> torch.Tensor:
+    """Non-causal attention on [B, H, N, D] tensors with an optional QK-RMSNorm (affine, applied
+    first) and 2D RoPE (tables from `rope_2d_table`; pairs (2j, 2j+1), or (j, j + D/2) with
+    rope_interleaved=False) on q and k. Returns [B, H, N, D]; with the Triton backend its memory
+    is [B, N, H, D], so `.transpose(1, 2).reshape(B, N, H * D)` is free.
+    """
+    q, k, v = autocast_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    problem = unsupported_reason(q, k, v, rope, q_norm_weight, k_norm_weight)
+    if resolve_backend(backend, q.device, problem) == "torch":
+        return reference.attention_torch(q, k, v, rope=rope, q_norm_weight=q_norm_weight,
+                                         k_norm_weight=k_norm_weight, scale=scale, eps=eps,
+                                         rope_interleaved=rope_interleaved)
+    cos, sin = (None, None) if rope is None else rope
+    return TritonAttention.apply(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                                 rope_interleaved)
+
+
+def attention_packed(qkv: torch.Tensor, heads: int, *,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     q_norm_weight: torch.Tensor | None = None,
+                     k_norm_weight: torch.Tensor | None = None, scale: float | None = None,
+                     eps: float = 1e-6, rope_interleaved: bool = True,
+                     backend: str = "auto") -> torch.Tensor:
+    """`attention` on the packed output of a qkv Linear, qkv [B, N, 3 * C] laid out as
+    (3, heads, head_dim) on the last axis; returns [B, N, C] ready for the output projection."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"qkv must be [B, N, 3 * heads * head_dim], got {tuple(qkv.shape)}")
+    (qkv,) = autocast_inputs(qkv)
+    b, n, c3 = qkv.shape
+    d = c3 // (3 * heads)
+    scale = d ** -0.5 if scale is None else float(scale)
+    q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    problem = unsupported_reason(q, k, v, rope, q_norm_weight, k_norm_weight)
+    if resolve_backend(backend, qkv.device, problem) == "torch":
+        o = reference.attention_torch(q, k, v, rope=rope, q_norm_weight=q_norm_weight,
+                                      k_norm_weight=k_norm_weight, scale=scale, eps=eps,
+                                      rope_interleaved=rope_interleaved)
+        return o.transpose(1, 2).reshape(b, n, c3 // 3)
+    cos, sin = (None, None) if rope is None else rope
+    return TritonAttentionPacked.apply(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale,
+                                       eps, rope_interleaved)
+

@@ -1,0 +1,53 @@
+"""The kernel benchmark script runs end to end (tiny shapes; on CPU through the interpreter) and
+its tables report every implementation with a small error against float64."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels",
+                                                  ROOT / "benchmarks" / "bench_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| implementation"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_benchmark_tables(bench, capsys):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bench.main(["--device", device, "--dtype", "fp32", "--batch", "1", "--heads", "2",
+                "--seq", "17", "--head_dim", "32", "--width", "64", "--reps", "1",
+                "--warmup", "0"])
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    expected = ["triton", "triton + qknorm + rope", "SDPA math",
+                "PyTorch chain: rmsnorm, rope, SDPA",
+                "from qkv: triton attention_packed + qknorm + rope",
+                "from qkv: PyTorch permute, chain, head merge", "triton modulated_rmsnorm",
+                "PyTorch rms_norm + modulate", "triton gated_residual_modulated_rmsnorm",
+                "PyTorch x + gate*u, rms_norm, modulate"]
+    for name in expected:
+        assert name in rows, f"missing row {name!r} in:\n{out}"
+        err = float(rows[name][-1])
+        assert 0 <= err < 1e-5, (name, err)
+        assert re.fullmatch(r"[0-9.]+", rows[name][0]), rows[name]  # a timing, not n/a
+    for backend in ("flash", "cuDNN", "efficient"):  # listed even where unsupported (n/a)
+        assert f"SDPA {backend}" in rows
+    assert "OWED" in out and "end-to-end training step" in out
