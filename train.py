@@ -99,6 +99,8 @@ class Config:
     seed: int = flag(0, "seed of the model init, the data order and every step's noise")
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
     compile: bool = flag(False, "torch.compile the model")
+    kernels: str = flag("auto", "attention kernels: triton (fused QK-norm + RoPE flash attention from kernels/) "
+                                "| torch (SDPA) | auto (triton where CUDA and its self-check pass)")
     # ---- bookkeeping
     run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
     runs_dir: str = flag("runs", "where run folders go")
@@ -274,17 +276,44 @@ class Attention(nn.Module):
         if mixes_values:  # value residual: the learnable share of block 0's values
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
 
+    backend = "torch"  # set_attention_backend() switches to the Triton kernels
+
     def forward(self, x: torch.Tensor, rope: tuple | None, v1: torch.Tensor | None):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if hasattr(self, "value_lambda"):
             v = self.value_lambda * v1 + (1 - self.value_lambda) * v
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.backend == "triton":  # QK-norm and RoPE fused into the attention kernel
+            import kernels
+            q_w = self.q_norm.weight if hasattr(self, "q_norm") else None
+            k_w = self.k_norm.weight if hasattr(self, "k_norm") else None
+            out = kernels.attention(q, k, v, rope=rope, q_norm_weight=q_w, k_norm_weight=k_w, eps=1e-6,
+                                    backend="triton")
+        else:
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
+
+
+def set_attention_backend(model: nn.Module, choice: str, device: torch.device) -> str:
+    """Resolves --kernels (auto: triton on CUDA when kernels.selfcheck passes, else torch) and
+    sets it on every attention layer; returns the backend used."""
+    if choice not in ("auto", "triton", "torch"):
+        raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
+    backend = choice
+    if choice == "auto":
+        backend = "torch"
+        if device.type == "cuda":
+            import kernels
+            ok, _why = kernels.selfcheck(device)
+            backend = "triton" if ok else "torch"
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+    return backend
 
 
 class SiTBlock(nn.Module):
@@ -939,6 +968,7 @@ def train(cfg: Config) -> dict:
         if cfg.repa_coef > 0 and probe.shape[1] != model.num_patches:
             raise ConfigError(f"REPA: the teacher gives {probe.shape[1]} patch tokens, {cfg.model} has "
                               f"{model.num_patches}; choose a patch size that matches")
+    attention_backend = set_attention_backend(model, cfg.kernels, accelerator.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")
@@ -968,7 +998,7 @@ def train(cfg: Config) -> dict:
     reg_dim = unwrap(model).opts.reg_dim
     sprint_tokens = unwrap(model).num_patches if cfg.sprint else 0
 
-    env = environment_report(accelerator)
+    env = environment_report(accelerator) | {"attention_kernels": attention_backend}
     if not (resume_path and log.path.exists()):
         log.start(source, env, cfg, track, n_params)
     if resume_path:

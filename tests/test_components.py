@@ -281,3 +281,26 @@ def test_gradient_accumulation_counts_towards_the_global_batch(tmp_path, run_arg
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
     with pytest.raises(train.ConfigError, match="not divisible"):
         train.train(train.parse_config(args + ["--run_name", "a3", "--grad_accum", "3"]))
+
+
+def test_triton_attention_backend_matches_torch_through_the_whole_model():
+    """--kernels triton (the fused QK-norm + RoPE flash attention; interpreted on CPU) gives the
+    torch path's outputs and gradients, with value residual, REG token and SPRINT routing on."""
+    opts = dict(ALL_ON, reg_dim=64)
+    x, t, y, cls_t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10]), torch.randn(2, 64)
+    keep = torch.stack([torch.randperm(16)[:4].sort().values for _ in range(2)])
+    results = []
+    for backend in ("torch", "triton"):
+        model = digits_model(**opts)
+        for p in model.parameters():  # away from the zero init so every path carries signal
+            p.data.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+        assert train.set_attention_backend(model, backend, torch.device("cpu")) == backend
+        out = model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep))
+        (out["v"].pow(2).mean() + out["cls_v"].pow(2).mean()).backward()
+        results.append((out["v"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert train.set_attention_backend(digits_model(), "auto", torch.device("cpu")) == "torch"
+    with pytest.raises(train.ConfigError, match="--kernels must be"):
+        train.set_attention_backend(digits_model(), "cuda", torch.device("cpu"))
