@@ -463,7 +463,7 @@ def convert(
                                      "sha256": hashlib.sha256(report_bytes).hexdigest()}},
             "splits": {split: {"count": count, "shards": shards}},
         }
-        from preprocessing.shards import dump_manifest  # noqa: PLC0415
+        from preprocessing.shards import dump_manifest, swap_into_place  # noqa: PLC0415
 
         (staging / MANIFEST_NAME).write_bytes(dump_manifest(manifest))
         for path in sorted(staging.rglob("*")):
@@ -472,14 +472,7 @@ def convert(
                     os.fsync(f.fileno())
         _fsync_dir(staging / split)
         _fsync_dir(staging)
-        old_dir = None
-        if out_dir.exists():
-            old_dir = parent / f".{out_dir.name}.old-{tag}"
-            os.replace(out_dir, old_dir)
-        os.replace(staging, out_dir)
-        _fsync_dir(parent)
-        if old_dir is not None:
-            shutil.rmtree(old_dir, ignore_errors=True)
+        swap_into_place(staging, out_dir, tag)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

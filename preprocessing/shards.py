@@ -179,6 +179,18 @@ def save_npy(path: PathLike, array: np.ndarray) -> Dict[str, Any]:
     return _save_npy(Path(path), array)
 
 
+def swap_into_place(staging: Path, out_dir: Path, tag: str) -> None:
+    """Atomically replaces out_dir by the finished staging directory (the old one is removed after)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -355,15 +367,7 @@ def write_dataset(
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
 
-        # Swap the finished directory into place.
-        old = None
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{tag}"
-            os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(staging, out_dir, tag)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
