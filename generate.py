@@ -417,7 +417,7 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
-    from train import load_model, load_track
+    from train import load_model, load_track, set_kernels
 
     parser = argparse.ArgumentParser(description="Sample an exported model with a track's protocol "
                                      "(flags override single protocol fields) into an ADM .npz")
@@ -438,6 +438,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--labels", choices=["balanced", "random"], default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=1000)
+    parser.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                        help="triton: the fused kernels of kernels/; torch: SDPA and plain ops; auto: triton "
+                             "where CUDA and the kernels' self-check pass")
     args = parser.parse_args(argv)
     from accelerate import Accelerator
 
@@ -454,6 +457,7 @@ def main(argv: Optional[list] = None) -> int:
         if getattr(args, key) is not None:
             protocol[key] = getattr(args, key)
     model.to(accelerator.device)
+    set_kernels(model, args.kernels, accelerator.device)
     generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
                     accelerator, args.batch_size)
     if accelerator.is_main_process:

@@ -99,8 +99,11 @@ class Config:
     seed: int = flag(0, "seed of the model init, the data order and every step's noise")
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
     compile: bool = flag(False, "torch.compile the model")
-    kernels: str = flag("auto", "attention kernels: triton (fused QK-norm + RoPE flash attention from kernels/) "
-                                "| torch (SDPA) | auto (triton where CUDA and its self-check pass)")
+    deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
+                                     "where PyTorch has deterministic kernels; false lets it pick faster ones")
+    kernels: str = flag("auto", "triton (kernels/: flash attention with fused QK-norm + RoPE, and with --norm "
+                                "rmsnorm the fused modulated norm and gated residual) | torch (SDPA and plain "
+                                "ops) | auto (triton where CUDA and the kernels' self-check pass)")
     # ---- bookkeeping
     run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
     runs_dir: str = flag("runs", "where run folders go")
@@ -276,7 +279,7 @@ class Attention(nn.Module):
         if mixes_values:  # value residual: the learnable share of block 0's values
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
 
-    backend = "torch"  # set_attention_backend() switches to the Triton kernels
+    backend = "torch"  # set_kernels() switches to the Triton kernels
 
     def forward(self, x: torch.Tensor, rope: tuple | None, v1: torch.Tensor | None):
         b, n, c = x.shape
@@ -298,9 +301,9 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
 
 
-def set_attention_backend(model: nn.Module, choice: str, device: torch.device) -> str:
+def set_kernels(model: nn.Module, choice: str, device: torch.device) -> str:
     """Resolves --kernels (auto: triton on CUDA when kernels.selfcheck passes, else torch) and
-    sets it on every attention layer; returns the backend used."""
+    sets it on every attention layer and block; returns the backend used."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = choice
@@ -311,7 +314,7 @@ def set_attention_backend(model: nn.Module, choice: str, device: torch.device) -
             ok, _why = kernels.selfcheck(device)
             backend = "triton" if ok else "torch"
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, SiTBlock)):
             module.backend = backend
     return backend
 
@@ -326,10 +329,24 @@ class SiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_hidden, hidden))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.rmsnorm = opts.norm == "rmsnorm"
+
+    backend = "torch"  # set_kernels() switches to the Triton kernels
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple | None = None,
                 v1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        if self.backend == "triton" and self.rmsnorm:
+            # one pass each for norm + modulation and for gated residual + norm + modulation;
+            # the normalised activations come out in the dtype the next Linear consumes
+            import kernels
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            h = kernels.modulated_rmsnorm(x, shift1, scale1, eps=1e-6, out_dtype=dtype, backend="triton")
+            attn_out, values = self.attn(h, rope, v1)
+            x, h = kernels.gated_residual_modulated_rmsnorm(x, attn_out, gate1, shift2, scale2, eps=1e-6,
+                                                            out_dtype=dtype, backend="triton")
+            return x + gate2.unsqueeze(1) * self.mlp(h), values
         attn_out, values = self.attn(modulate(self.norm1(x), shift1, scale1), rope, v1)
         x = x + gate1.unsqueeze(1) * attn_out
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -639,6 +656,23 @@ def draw_step_noise(gen: torch.Generator, global_batch: int, sample_shape: tuple
     return noise
 
 
+class NoisePrefetch:
+    """Draws step s+1's noise on a worker thread while step s runs on the device. The draws depend
+    only on (seed, step), so prefetching changes no number, only when the CPU does the work."""
+
+    def __init__(self, draw):
+        from concurrent.futures import ThreadPoolExecutor
+        self.draw, self.pool, self.pending = draw, ThreadPoolExecutor(1, thread_name_prefix="noise"), {}
+
+    def __call__(self, step: int) -> StepNoise:
+        future = self.pending.pop(step, None)
+        self.pending = {step + 1: self.pool.submit(self.draw, step + 1)}  # drops stale ones (resume)
+        return future.result() if future is not None else self.draw(step)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def flow_matching_inputs(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                          drop: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
     """Linear path x_t = (1-t) x0 + t eps, velocity target eps - x0, dropped labels -> null class."""
@@ -918,10 +952,17 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
+def set_determinism(deterministic: bool) -> None:
+    """Deterministic kernels where PyTorch has them (warn-only elsewhere). PyTorch's companion
+    debugging aid, filling every new tensor with NaN, stays off: it changes no result of correct
+    code and cost ~1,400 extra fill kernels per SR-DiT step on an H200 (benchmarks/RESULTS_GPU.md)."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def train(cfg: Config) -> dict:
@@ -945,7 +986,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes x "
                           f"{cfg.grad_accum} accumulation steps")
     micro_batch = cfg.global_batch // (world * cfg.grad_accum)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    set_determinism(cfg.deterministic)
 
     if not cfg.run_name:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -968,14 +1009,14 @@ def train(cfg: Config) -> dict:
         if cfg.repa_coef > 0 and probe.shape[1] != model.num_patches:
             raise ConfigError(f"REPA: the teacher gives {probe.shape[1]} patch tokens, {cfg.model} has "
                               f"{model.num_patches}; choose a patch size that matches")
-    attention_backend = set_attention_backend(model, cfg.kernels, accelerator.device)
+    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")
     if cap and n_params > cap:
         raise ConfigError(f"{cfg.model} has {n_params} parameters, over the track's cap of {cap}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda")
 
     start_step, train_seconds = 0, 0.0
     resume_path = _resolve_resume(cfg, run_dir)
@@ -998,7 +1039,7 @@ def train(cfg: Config) -> dict:
     reg_dim = unwrap(model).opts.reg_dim
     sprint_tokens = unwrap(model).num_patches if cfg.sprint else 0
 
-    env = environment_report(accelerator) | {"attention_kernels": attention_backend}
+    env = environment_report(accelerator) | {"kernels": kernel_backend}
     if not (resume_path and log.path.exists()):
         log.start(source, env, cfg, track, n_params)
     if resume_path:
@@ -1024,25 +1065,27 @@ def train(cfg: Config) -> dict:
                 old.unlink()
         accelerator.wait_for_everyone()
 
+    noise_for = NoisePrefetch(lambda step: draw_step_noise(
+        step_generator(cfg.seed, step), cfg.global_batch, latent_shape, cfg.class_dropout, time_shift, reg_dim,
+        sprint_tokens, cfg.sprint_drop_ratio, cfg.sprint_path_drop))
+
     def train_step(step: int) -> tuple[float, torch.Tensor]:
         """Forward/backward over this rank's micro-batches of the global batch; returns the mean
         loss over every process and micro-batch, and the clipped gradient norm."""
         indices = sampler.global_indices(step)
-        noise = draw_step_noise(step_generator(cfg.seed, step), cfg.global_batch, latent_shape,
-                                cfg.class_dropout, time_shift, reg_dim, sprint_tokens, cfg.sprint_drop_ratio,
-                                cfg.sprint_path_drop)
+        noise = noise_for(step)
         total = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             chunk = micro * world + accelerator.process_index  # contiguous chunks of the global batch
             part = slice(chunk * micro_batch, (chunk + 1) * micro_batch)
             x0, y, negatives = load_micro_batch(dataset, indices, part, noise.eps, cfg.cfm_coef > 0)
             negatives = None if negatives is None else negatives.to(accelerator.device)
-            teacher_out = None
-            if teacher is not None:
-                teacher_out = teacher(torch.from_numpy(dataset.get_images(indices[part])).to(accelerator.device))
             local = noise.slice(part, accelerator.device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
+                teacher_out = None  # the teacher runs in the training precision too (bf16 on GPU)
+                if teacher is not None:
+                    teacher_out = teacher(torch.from_numpy(dataset.get_images(indices[part])).to(accelerator.device))
                 loss, _ = training_loss(model, cfg, x0.to(accelerator.device), y.to(accelerator.device),
                                         local, num_classes, teacher_out, negatives)
                 accelerator.backward(loss / cfg.grad_accum)
@@ -1093,6 +1136,7 @@ def train(cfg: Config) -> dict:
                                  f"--run_name {cfg.run_name}")
     finally:
         bar.close()
+        noise_for.close()
         signal.signal(signal.SIGTERM, previous_handler)
         if tracker:
             tracker.finish()

@@ -10,7 +10,7 @@ Tables:
     QK-RMSNorm + 2D-RoPE prologue) against every SDPA backend PyTorch offers (flash, cuDNN,
     efficient, math) and against the unfused PyTorch chain (RMSNorm, RoPE, SDPA).
  2. adaLN modulated RMSNorm, and the gated residual add fused with it, against plain PyTorch.
- 3. [owed] the end-to-end training step: see `end_to_end_training_step` below.
+ The end-to-end training step with the kernels on and off: benchmarks/bench_gpu_step.py.
 
 Units. TFLOP/s counts the useful matmul FLOPs of attention, FlashAttention's convention:
 4 B H N^2 D forward, 2.5x that backward (10 B H N^2 D), whatever an implementation recomputes.
@@ -238,20 +238,6 @@ def bench_modulation(args, device) -> None:
                  "err vs fp64"], rows)
 
 
-# ---------------------------------------------------------------------------------------------
-# [OWED] end-to-end training step (the lead wires this once train.py has `--kernels`)
-# ---------------------------------------------------------------------------------------------
-def end_to_end_training_step(args, device) -> None:
-    """HOOK, NOT YET WIRED. Intended measurement, on one GPU, SiT-B/1 (SR-DiT model), batch 32
-    per GPU, bf16 autocast: median step time (forward + backward + AdamW step, no data loading)
-    and images/s with `--kernels torch` versus `--kernels triton`, same seed, plus the max
-    relative difference of the first step's loss and gradient norm. It needs the integrated
-    trainer (the model built from train.py with a kernels switch), which is the lead's part."""
-    print("\n### end-to-end training step\n")
-    print("OWED: not wired. Needs train.py's `--kernels {torch,triton}` switch and a GPU; see "
-          "end_to_end_training_step() in this file for the intended measurement.")
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
 
@@ -269,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="add torch.compile'd PyTorch chains")
-    p.add_argument("--only", choices=["attention", "modulation", "e2e"], default=None)
+    p.add_argument("--only", choices=["attention", "modulation"], default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.dtype is None:
@@ -281,8 +267,6 @@ def main(argv: list[str] | None = None) -> None:
         bench_attention(args, device)
     if args.only in (None, "modulation"):
         bench_modulation(args, device)
-    if args.only in (None, "e2e"):
-        end_to_end_training_step(args, device)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def unsupported_reason(x, shift, scale, weight=None, out_dtype=None, u=None,
     return None
 
 
+@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                       weight: torch.Tensor | None = None, eps: float = 1e-6, *,
                       out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
@@ -172,6 +173,7 @@ def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     return TritonModulatedRMSNorm.apply(x, shift, scale, weight, eps, out_dtype or x.dtype)
 
 
+@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: torch.Tensor,
                                      shift: torch.Tensor, scale: torch.Tensor,
                                      weight: torch.Tensor | None = None, eps: float = 1e-6, *,

@@ -212,6 +212,7 @@ def unsupported_reason(q, k, v, rope=None, q_norm_weight=None, k_norm_weight=Non
     return None
 
 
+@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               rope: tuple[torch.Tensor, torch.Tensor] | None = None,
               q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
@@ -234,6 +235,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                  rope_interleaved)
 
 
+@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def attention_packed(qkv: torch.Tensor, heads: int, *,
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                      q_norm_weight: torch.Tensor | None = None,

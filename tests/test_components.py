@@ -283,24 +283,34 @@ def test_gradient_accumulation_counts_towards_the_global_batch(tmp_path, run_arg
         train.train(train.parse_config(args + ["--run_name", "a3", "--grad_accum", "3"]))
 
 
-def test_triton_attention_backend_matches_torch_through_the_whole_model():
-    """--kernels triton (the fused QK-norm + RoPE flash attention; interpreted on CPU) gives the
-    torch path's outputs and gradients, with value residual, REG token and SPRINT routing on."""
+def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch):
+    """--kernels triton (the fused QK-norm + RoPE flash attention and, with RMSNorm, the fused
+    modulated norm / gated residual; interpreted on CPU) gives the torch path's outputs and
+    gradients, with value residual, REG token and SPRINT routing on."""
     opts = dict(ALL_ON, reg_dim=64)
     x, t, y, cls_t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10]), torch.randn(2, 64)
     keep = torch.stack([torch.randperm(16)[:4].sort().values for _ in range(2)])
+    import kernels
+    calls = {"modulated_rmsnorm": 0, "gated_residual_modulated_rmsnorm": 0, "attention": 0}
+    for name in calls:  # count the fused calls, so a silent fallback to the torch path fails the test
+        def counted(*a, _f=getattr(kernels, name), _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(kernels, name, counted)
     results = []
     for backend in ("torch", "triton"):
         model = digits_model(**opts)
         for p in model.parameters():  # away from the zero init so every path carries signal
             p.data.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
-        assert train.set_attention_backend(model, backend, torch.device("cpu")) == backend
+        assert train.set_kernels(model, backend, torch.device("cpu")) == backend
         out = model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep))
         (out["v"].pow(2).mean() + out["cls_v"].pow(2).mean()).backward()
         results.append((out["v"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    depth = len(digits_model(**opts).blocks)
+    assert calls == {"modulated_rmsnorm": depth, "gated_residual_modulated_rmsnorm": depth, "attention": depth}
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
-    assert train.set_attention_backend(digits_model(), "auto", torch.device("cpu")) == "torch"
+    assert train.set_kernels(digits_model(), "auto", torch.device("cpu")) == "torch"
     with pytest.raises(train.ConfigError, match="--kernels must be"):
-        train.set_attention_backend(digits_model(), "cuda", torch.device("cpu"))
+        train.set_kernels(digits_model(), "cuda", torch.device("cpu"))

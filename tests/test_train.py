@@ -91,6 +91,32 @@ def test_step_sampler_epochs_are_permutations_and_resume_safe():
     assert not np.array_equal(other_seed, stream)
 
 
+def test_noise_prefetch_returns_the_direct_draws_in_any_step_order():
+    def draw(step):
+        return train.draw_step_noise(train.step_generator(7, step), 6, (1, 4, 4), 0.1, 1.3, 8, 16, 0.75, 0.05)
+    prefetch = train.NoisePrefetch(draw)
+    try:
+        for step in (0, 1, 2, 5, 6, 3):  # consecutive steps hit the prefetched draw; jumps (resume) do not
+            got, want = prefetch(step), draw(step)
+            for name in ("t", "eps", "drop", "cls_eps", "keep"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (step, name)
+            assert got.path_drop == want.path_drop
+    finally:
+        prefetch.close()
+
+
+def test_determinism_switch_keeps_new_memory_unfilled():
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        train.set_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory  # the NaN-fill debugging aid stays off
+        train.set_determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_flow_matching_inputs_formula_and_dropout():
     x0 = torch.randn(4000, 1, 2, 2)
     y = torch.arange(4000) % 10

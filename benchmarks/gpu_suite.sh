@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check the harness owes, in one go, on one CUDA machine (about 8 minutes on an H100):
+#   bash benchmarks/gpu_suite.sh [out_dir] [--public path/to/time_step.py] [--parts "step kernels_tests ..."]
+# Parts: step (eager training step, kernels off/on, deterministic or not, profiled; the public SR-DiT
+# code when --public names its timing script), step_compile (the torch.compile'd step),
+# kernels_bench, kernels_tests, extraction, encode. Each part has its own time limit and writes its
+# log to out_dir as it runs, so a part that breaks or overruns costs only itself. The tables land
+# in out_dir/*.log; benchmarks/RESULTS_GPU.md holds the measured ones with the device named.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-gpu_results}"; shift || true
+PUBLIC=() PARTS="step step_compile kernels_bench kernels_tests extraction encode"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --public) PUBLIC=(--public "$2"); shift 2 ;;
+    --parts) PARTS="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT_DIR"
+PY="${SPEEDRUN_PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+part() {  # part <name> <seconds> <command...>
+  local name="$1" limit="$2"; shift 2
+  [[ " $PARTS " == *" $name "* ]] || return 0
+  echo "=== $name (limit ${limit}s) ==="
+  local start=$SECONDS
+  timeout -k 5 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT_DIR/$name.log"
+  echo "=== $name: rc $rc after $((SECONDS - start)) s ==="
+}
+
+{ nvidia-smi; "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"; } > "$OUT_DIR/env.log" 2>&1
+tail -n 1 "$OUT_DIR/env.log"
+# 1. the end-to-end SR-DiT training step: kernels off vs on, deterministic or not (and the public code)
+part step 170 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 5 --profile_steps 3 \
+  --variants torch,triton,torch+nondeterministic,triton+nondeterministic "${PUBLIC[@]}" \
+  --json "$OUT_DIR/step.json" --out_dir "$OUT_DIR"
+part step_compile 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 --profile_steps 3 \
+  --variants torch+compile,triton+compile --json "$OUT_DIR/step_compile.json" --out_dir "$OUT_DIR"
+# 2. attention and modulated-norm tables against every SDPA backend and the unfused chains
+part kernels_bench 110 "$PY" benchmarks/bench_kernels.py --compile
+# 3. the kernel tests, bf16 included, compiled for this GPU
+part kernels_tests 90 "$PY" -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels_attention.py \
+  tests/test_kernels_norm.py tests/test_kernels_rope.py tests/test_kernels_compile.py
+# 4. evaluation feature extraction (Inception port + DINOv2-L/14, random weights)
+part extraction 60 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
+# 5. INVAE encode for preprocessing
+part encode 40 "$PY" benchmarks/bench_encode.py --images 1024 --batch 64
