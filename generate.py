@@ -458,8 +458,12 @@ def main(argv: Optional[list] = None) -> int:
             protocol[key] = getattr(args, key)
     model.to(accelerator.device)
     set_kernels(model, args.kernels, accelerator.device)
-    generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
-                    accelerator, args.batch_size)
+    from evaluations.imagenet import leave_process_group
+    try:
+        generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
+                        accelerator, args.batch_size)
+    finally:
+        leave_process_group()
     if accelerator.is_main_process:
         print(f"[generate] wrote {args.out} ({protocol['num_samples']} samples, {protocol['sampler']} "
               f"{protocol['num_steps']} steps, NFE/sample {nfe(protocol['sampler'], protocol['num_steps'])}"

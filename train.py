@@ -1247,12 +1247,15 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluations.imagenet import leave_process_group
     from preprocessing.shards import ShardFormatError
     try:
         train(parse_config(argv))
     except (NonFiniteLoss, ConfigError, CheckpointError, FileNotFoundError, ShardFormatError) as e:
         print(f"[train] error: {e}", file=sys.stderr)
         return 1
+    finally:
+        leave_process_group()
     return 0
 
 

@@ -1,6 +1,11 @@
 """Scores a sample batch (.npz, ADM format) with a track's evaluation protocol.
 
     python -m evaluations.evaluate samples.npz --track digits --out metrics.json
+    accelerate launch -m evaluations.evaluate samples.npz --track <imagenet track> --out metrics.json
+
+An ImageNet track (evaluation.feature_network "inception_adm") is scored with FID, sFID, IS,
+Precision/Recall as the ADM evaluator and KDD (evaluations/imagenet.py); its reference batch is
+the ADM reference .npz named in the track (path + sha256).
 
 Sample statistics are always recomputed from `arr_0`: any mu/sigma a sample file carries is
 ignored (a submitted file could carry made-up statistics). The reference batch is the track's
@@ -17,10 +22,10 @@ import numpy as np
 
 from evaluations import metrics as M
 from evaluations.features import get_feature_extractor
+from evaluations.npz import BatchFileError, SampleFileError  # noqa: F401  (SampleFileError is public here)
+from evaluations.weights import WeightsFileError
 
-
-class SampleFileError(ValueError):
-    pass
+IMAGENET_NETWORKS = ("inception_adm",)
 
 
 def load_sample_batch(path: Path, resolution: int, channels: int, num_samples: int | None = None) -> np.ndarray:
@@ -76,8 +81,17 @@ def compute_metrics(sample_features: dict, reference_features: dict, protocol: d
     return {k: float(v) for k, v in out.items()}
 
 
-def evaluate_samples(samples_path: Path, track: dict) -> dict:
+def evaluate_samples(samples_path: Path, track: dict, **imagenet_options) -> dict:
+    """The track's metrics (numbers only) for a sample batch.
+
+    ImageNet tracks (feature network "inception_adm") go through
+    :func:`evaluations.imagenet.evaluate_imagenet`; ``imagenet_options`` are passed on to it
+    (backend, batch_size, cache_dir, reference_path, extractors, progress).
+    """
     protocol, data = track["evaluation"], track["dataset"]
+    if protocol.get("feature_network") in IMAGENET_NETWORKS:
+        from evaluations.imagenet import evaluate_imagenet
+        return evaluate_imagenet(samples_path, track, **imagenet_options)["metrics"]
     images = load_sample_batch(samples_path, data["resolution"], data["channels"], int(protocol["num_samples"]))
     extractor = get_feature_extractor(protocol["feature_network"])
     return compute_metrics(extractor.extract(images), extractor.extract(reference_images(track)), protocol)
@@ -90,13 +104,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("samples", help="ADM-format .npz with arr_0 = uint8 [N, H, W, C]")
     parser.add_argument("--track", default="digits", help="track name or JSON path")
     parser.add_argument("--out", default=None, help="write metrics.json here")
+    imagenet = parser.add_argument_group("ImageNet tracks")
+    imagenet.add_argument("--backend", choices=["torch", "tf"], default=None,
+                          help="Inception backend: the PyTorch port (default) or the .pb run by TensorFlow")
+    imagenet.add_argument("--reference", default=None, help="reference .npz (default: the track's)")
+    imagenet.add_argument("--inception_weights", default=None, help=".pb or converted .safetensors")
+    imagenet.add_argument("--dinov2_weights", default=None, help="DINOv2 ViT-L/14 .pth / .safetensors")
+    imagenet.add_argument("--batch_size", type=int, default=None)
+    imagenet.add_argument("--cache_dir", default=None, help="reference-feature cache (default data/eval_cache)")
     args = parser.parse_args(argv)
     track = load_track(args.track)
+    if track["evaluation"].get("feature_network") in IMAGENET_NETWORKS:
+        return _main_imagenet(args, track)
     try:
         result = evaluate_samples(Path(args.samples), track)
     except SampleFileError as e:
         print(f"[evaluate] error: {e}", file=sys.stderr)
         return 1
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    print(text, end="")
+    return 0
+
+
+def _main_imagenet(args, track: dict) -> int:
+    from train import atomic_write
+
+    from evaluations.imagenet import Distributed, build_extractors, evaluate_imagenet
+    from evaluations.inception import InceptionGraphError
+
+    dist = Distributed.from_environment()
+    try:
+        extractors = build_extractors(track["evaluation"], backend=args.backend, device=dist.device,
+                                      inception_weights=args.inception_weights,
+                                      dinov2_weights=args.dinov2_weights)
+        report = evaluate_imagenet(Path(args.samples), track, extractors=extractors, batch_size=args.batch_size,
+                                   cache_dir=args.cache_dir, reference_path=args.reference, dist=dist)
+    except (BatchFileError, WeightsFileError, InceptionGraphError, ImportError) as e:
+        print(f"[evaluate] error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()  # the last collective is behind us: leave the process group before exit
+    if not dist.is_main:
+        return 0
+    result = dict(report["metrics"])
+    if "kdd" in result:
+        result["kdd_definition"] = report["definitions"]["kdd"]
+    result["provenance"] = report["provenance"]
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     if args.out:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))

@@ -14,6 +14,7 @@ register themselves with :func:`register_feature_extractor` as well.
 from __future__ import annotations
 
 import abc
+import os
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -24,6 +25,8 @@ from preprocessing.registry import Registry
 __all__ = [
     "FeatureExtractor",
     "DigitsFeatureExtractor",
+    "InceptionADMFeatureExtractor",
+    "DINOv2FeatureExtractor",
     "register_feature_extractor",
     "get_feature_extractor",
     "available_feature_extractors",
@@ -46,6 +49,7 @@ class FeatureExtractor(abc.ABC):
     input_resolution: Optional[int] = None
     input_channels: int = 3
     feature_names: Tuple[str, ...] = ("pool", "logits")
+    required_features: Tuple[str, ...] = ("pool", "logits")
     default_batch_size: int = 256
 
     def validate(self, images: np.ndarray) -> None:
@@ -93,7 +97,7 @@ class FeatureExtractor(abc.ABC):
             for key, value in self._extract_batch(batch).items():
                 parts.setdefault(key, []).append(np.asarray(value, dtype=np.float64))
         out = {key: np.concatenate(values, axis=0) for key, values in parts.items()}
-        missing = {"pool", "logits"} - set(out)
+        missing = set(self.required_features) - set(out)
         if missing:
             raise RuntimeError(f"{self.name}: extractor did not return {sorted(missing)}")
         return out
@@ -133,3 +137,111 @@ get_feature_extractor = _REGISTRY.build  # e.g. get_feature_extractor("digits_ne
 
 
 register_feature_extractor("digits_net")(DigitsFeatureExtractor)
+
+
+def _default_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class InceptionADMFeatureExtractor(FeatureExtractor):
+    """The ADM evaluator's Inception (``classify_image_graph_def.pb``) on uint8 NHWC RGB images of any size.
+
+    pool [N, 2048] (``pool_3``), logits [N, 1008] (``pool_3 @ softmax/logits/MatMul`` weight, no
+    bias), spatial [N, 289, 7] (``mixed_6/conv`` first 7 channels, H, W, C order: 2023 numbers per
+    image when flattened).
+
+    ``weights`` defaults to ``$SPEEDRUN_INCEPTION_WEIGHTS``.
+    ``backend="torch"`` (default): the PyTorch port (:mod:`evaluations.inception`) with weights from
+    the ``.pb`` (needs TensorFlow to read it) or a converted ``.safetensors``.  ``backend="tf"``: the
+    ``.pb`` run by TensorFlow (:mod:`evaluations.inception_tf`), the reference path.  ``sha256``
+    (one digest or several acceptable ones) is checked against the weights file.  For tests,
+    ``model`` (an :class:`~evaluations.inception.InceptionADM`) or ``graph_def`` (tf backend)
+    replaces the file.
+    """
+
+    name = "inception_adm"
+    input_resolution = None
+    input_channels = 3
+    feature_names = ("pool", "logits", "spatial")
+    default_batch_size = 64  # ADM's Inception batch
+
+    def __init__(self, weights=None, sha256=None, backend: str = "torch",
+                 device: Union[str, torch.device, None] = None, model=None, graph_def=None):
+        from evaluations.inception import INCEPTION_SOURCE, load_inception_adm
+        from evaluations.weights import WeightsFileError
+
+        if backend not in ("torch", "tf"):
+            raise ValueError(f"{self.name}: backend must be 'torch' or 'tf', got {backend!r}")
+        self.backend = backend
+        self.device = _default_device(device)
+        info = {"path": None, "sha256": None}
+        weights = weights or os.environ.get("SPEEDRUN_INCEPTION_WEIGHTS") or None
+        if weights is None and model is None and graph_def is None:
+            raise WeightsFileError(f"{self.name}: no Inception weights given (weights=... or "
+                                   f"$SPEEDRUN_INCEPTION_WEIGHTS). They come from {INCEPTION_SOURCE}")
+        if backend == "torch":
+            if model is None:
+                model, info = load_inception_adm(weights, sha256, device=self.device)
+            self.model = model.to(self.device).eval()
+        else:
+            from evaluations.inception_tf import InceptionTFGraph
+            if graph_def is None:
+                from evaluations.weights import sha256_file
+                self.graph = InceptionTFGraph(weights, sha256)
+                info = {"path": str(weights), "sha256": sha256_file(weights)}
+            else:
+                self.graph = InceptionTFGraph(graph_def)
+        self.weights_info = info
+        self.identity = {"network": self.name, "backend": backend, "weights_sha256": info.get("sha256"),
+                         "source_sha256": info.get("source_sha256", info.get("sha256"))}
+
+    def _extract_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        if self.backend == "tf":
+            return self.graph.run(images)
+        out = self.model(images)
+        return {k: out[k].detach().to("cpu", torch.float64).numpy() for k in self.feature_names}
+
+
+class DINOv2FeatureExtractor(FeatureExtractor):
+    """DINOv2 ViT-L/14 CLS features (after the final norm) of uint8 NHWC RGB images: pool [N, 1024].
+
+    Images are resized to 224x224 with PIL bicubic and ImageNet-normalised, as dgm-eval does
+    (:mod:`evaluations.dinov2`).  ``weights`` is a local ``.pth`` / ``.safetensors`` (default
+    ``$SPEEDRUN_DINOV2_WEIGHTS``) checked against ``sha256``; tests may pass a ``model`` (e.g.
+    randomly initialised) instead.
+    """
+
+    name = "dinov2_vitl14"
+    input_resolution = None
+    input_channels = 3
+    feature_names = ("pool",)
+    required_features = ("pool",)
+    default_batch_size = 32
+
+    def __init__(self, weights=None, sha256=None, device: Union[str, torch.device, None] = None, model=None):
+        from evaluations import dinov2
+        from evaluations.weights import WeightsFileError
+
+        self.device = _default_device(device)
+        info = {"path": None, "sha256": None}
+        weights = weights or os.environ.get("SPEEDRUN_DINOV2_WEIGHTS") or None
+        if model is None:
+            if weights is None:
+                raise WeightsFileError(f"{self.name}: no DINOv2 weights given (weights=... or "
+                                       f"$SPEEDRUN_DINOV2_WEIGHTS). They come from {dinov2.DINOV2_SOURCE}")
+            model, info = dinov2.load_dinov2(weights, sha256, device=self.device)
+        self.model = model.to(self.device).eval()
+        self.weights_info = info
+        self.identity = {"network": self.name, "weights_sha256": info.get("sha256"),
+                         "preprocess": "PIL bicubic 224, ImageNet mean/std",
+                         "pos_embed": "hub bicubic, scale (16+0.1)/37, no antialias"}
+        self._features = dinov2.dinov2_features
+
+    def _extract_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        return {"pool": self._features(self.model, images, self.device).to("cpu", torch.float64).numpy()}
+
+
+register_feature_extractor("inception_adm")(InceptionADMFeatureExtractor)
+register_feature_extractor("dinov2_vitl14")(DINOv2FeatureExtractor)

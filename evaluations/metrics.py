@@ -25,6 +25,7 @@ Improved precision / recall (ADM ``ManifoldEstimator``):
     ``pairwise_squared_distances(x, y)``
     ``manifold_radii(features, k=3, batch_size=10000)``
     ``precision_recall(real_features, fake_features, k=3, batch_size=10000)``
+    (``fp16_matmul="fp32_accumulate"``: float32-accumulated float16 product, faster on CPUs)
 Kernel distance (KID):
     ``polynomial_mmd2_unbiased(x, y)``
     ``kernel_distance(x, y, num_subsets=100, subset_size=1000, seed=0) -> (mean, std)``
@@ -119,6 +120,22 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (eigvecs * root) @ eigvecs.T
 
 
+def _similar_symmetric_product(sigma1: np.ndarray, sigma2: np.ndarray, cholesky: bool = True) -> np.ndarray:
+    """A symmetric PSD matrix with the spectrum of ``sigma1 @ sigma2``: ``L^T S2 L`` (S1 = L L^T) or
+    ``sqrt(S1) S2 sqrt(S1)`` when S1 is not positive definite (or ``cholesky=False``)."""
+    middle = None
+    if cholesky:
+        try:
+            factor = np.linalg.cholesky(0.5 * (sigma1 + sigma1.T))
+            middle = factor.T @ sigma2 @ factor
+        except np.linalg.LinAlgError:
+            middle = None
+    if middle is None:
+        sqrt_s1 = _psd_sqrt(sigma1)
+        middle = sqrt_s1 @ sigma2 @ sqrt_s1
+    return 0.5 * (middle + middle.T)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (eigenvalue route).
 
@@ -131,6 +148,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     ``tr sqrt(S1 S2) = sum_i sqrt(lambda_i)`` over the eigenvalues of
     ``sqrt(S1) S2 sqrt(S1)``, where ``sqrt(S1)`` is the symmetric PSD root from
     ``eigh``.  Tiny negative eigenvalues from round-off are clipped to 0.
+    When ``S1`` is positive definite the same spectrum is obtained faster from
+    its Cholesky factor ``S1 = L L^T``: ``S1 S2`` is also similar to
+    ``L^T S2 L`` (``L^-1 S1 S2 L = L^T S2 L``), so only one symmetric
+    eigenvalue problem is solved (values only); a singular ``S1`` (Cholesky
+    fails) takes the ``sqrt(S1)`` route.  The two agree to round-off.
     Everything is computed in float64.  It agrees with the ADM route
     (:func:`frechet_distance_sqrtm`) to round-off on well-conditioned inputs,
     needs no ``eps`` retry, never produces an imaginary part and is faster.
@@ -139,9 +161,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """
     mu1, sigma1, mu2, sigma2 = _check_gaussian_stats(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
-    sqrt_s1 = _psd_sqrt(sigma1)
-    middle = sqrt_s1 @ sigma2 @ sqrt_s1
-    middle = 0.5 * (middle + middle.T)
+    middle = _similar_symmetric_product(sigma1, sigma2)
     eigvals = np.linalg.eigvalsh(middle)
     tr_covmean = float(np.sum(np.sqrt(np.clip(eigvals, 0.0, None))))
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
@@ -415,26 +435,45 @@ def _features_tensor(features, name: str, device) -> torch.Tensor:
     return t
 
 
-def _sq_dists_in_dtype(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``max(|u|^2 - 2 u.v + |v|^2, 0)`` evaluated in the dtype of ``u`` and ``v``."""
+FP16_MATMUL_MODES = ("native", "fp32_accumulate")
+
+
+def _check_fp16_matmul(mode: str) -> str:
+    if mode not in FP16_MATMUL_MODES:
+        raise ValueError(f"fp16_matmul must be one of {FP16_MATMUL_MODES}, got {mode!r}")
+    return mode
+
+
+def _sq_dists_in_dtype(u: torch.Tensor, v: torch.Tensor, fp16_matmul: str = "native") -> torch.Tensor:
+    """``max(|u|^2 - 2 u.v + |v|^2, 0)`` evaluated in the dtype of ``u`` and ``v``.
+
+    ``fp16_matmul="fp32_accumulate"`` computes the float16 ``u @ v.T`` as a float32 matrix product
+    of the (exactly representable) float16 inputs rounded once to float16 -- the usual float16
+    GEMM with float32 accumulation, 3-6x faster than PyTorch's float16 GEMM on CPUs; it can differ
+    from "native" in the last float16 bit of a few entries (summation order).
+    """
     norm_u = (u * u).sum(dim=1, keepdim=True)
     norm_v = (v * v).sum(dim=1).unsqueeze(0)
-    return torch.clamp(norm_u - 2 * (u @ v.T) + norm_v, min=0)
+    if fp16_matmul == "fp32_accumulate" and u.dtype == torch.float16:
+        uv = (u.to(torch.float32) @ v.to(torch.float32).T).to(torch.float16)
+    else:
+        uv = u @ v.T
+    return torch.clamp(norm_u - 2 * uv + norm_v, min=0)
 
 
-def _block_sq_dists(u32: torch.Tensor, v32: torch.Tensor) -> torch.Tensor:
+def _block_sq_dists(u32: torch.Tensor, v32: torch.Tensor, fp16_matmul: str = "native") -> torch.Tensor:
     """One block of ADM ``DistanceBlock`` distances, returned as float32.
 
     Computed in float16 first; if any entry of the float16 block is non-finite
     the whole block is recomputed in float32 (ADM's ``tf.cond`` fallback).
     """
-    d16 = _sq_dists_in_dtype(u32.to(torch.float16), v32.to(torch.float16))
+    d16 = _sq_dists_in_dtype(u32.to(torch.float16), v32.to(torch.float16), fp16_matmul)
     if bool(torch.isfinite(d16).all()):
         return d16.to(torch.float32)
     return _sq_dists_in_dtype(u32, v32)
 
 
-def pairwise_squared_distances(x, y, *, device=None) -> np.ndarray:
+def pairwise_squared_distances(x, y, *, device=None, fp16_matmul: str = "native") -> np.ndarray:
     """Squared Euclidean distances as ADM's ``DistanceBlock`` computes them.
 
     ``|x|^2 - 2 x.y + |y|^2`` clipped at 0, evaluated in float16 (inputs are
@@ -447,7 +486,7 @@ def pairwise_squared_distances(x, y, *, device=None) -> np.ndarray:
     v = _features_tensor(y, "y", device)
     if u.shape[1] != v.shape[1]:
         raise ValueError(f"feature dimensions differ: x has D={u.shape[1]}, y has D={v.shape[1]}")
-    return _block_sq_dists(u, v).cpu().numpy()
+    return _block_sq_dists(u, v, _check_fp16_matmul(fp16_matmul)).cpu().numpy()
 
 
 def _check_k_batch(k: int, batch_size: int) -> Tuple[int, int]:
@@ -460,7 +499,7 @@ def _check_k_batch(k: int, batch_size: int) -> Tuple[int, int]:
     return k, batch_size
 
 
-def _radii_tensor(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+def _radii_tensor(feats: torch.Tensor, k: int, batch_size: int, fp16_matmul: str = "native") -> torch.Tensor:
     n = feats.shape[0]
     if n < k + 1:
         raise ValueError(f"need more than k={k} feature vectors to estimate radii, got {n}")
@@ -469,7 +508,7 @@ def _radii_tensor(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
         rows = feats[r0 : r0 + batch_size]
         best = None  # running k+1 smallest distances of every row (self included)
         for c0 in range(0, n, batch_size):
-            block = _block_sq_dists(rows, feats[c0 : c0 + batch_size])
+            block = _block_sq_dists(rows, feats[c0 : c0 + batch_size], fp16_matmul)
             cand = block if best is None else torch.cat([best, block], dim=1)
             keep = min(k + 1, cand.shape[1])
             best = torch.topk(cand, keep, dim=1, largest=False, sorted=True).values
@@ -477,7 +516,8 @@ def _radii_tensor(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     return radii
 
 
-def manifold_radii(features, k: int = 3, batch_size: int = 10000, *, device=None) -> np.ndarray:
+def manifold_radii(features, k: int = 3, batch_size: int = 10000, *, device=None,
+                   fp16_matmul: str = "native") -> np.ndarray:
     """k-NN radii of a feature set, as ADM's ``ManifoldEstimator.manifold_radii``.
 
     The radius of point i is its (k+1)-th smallest squared distance to the
@@ -488,15 +528,17 @@ def manifold_radii(features, k: int = 3, batch_size: int = 10000, *, device=None
     ``batch_size x batch_size`` blocks while keeping a running top-(k+1) per
     row, so memory stays O(batch_size^2) (ADM holds a ``row_batch x N`` block;
     the values are the same).  Returns a float32 array of shape (N,).
-    ``device`` optionally selects the torch device for the block computations.
+    ``device`` optionally selects the torch device for the block computations;
+    ``fp16_matmul`` the float16 product (see :func:`_sq_dists_in_dtype`; default "native").
     """
     k, batch_size = _check_k_batch(k, batch_size)
     feats = _features_tensor(features, "features", device)
-    return _radii_tensor(feats, k, batch_size).cpu().numpy()
+    return _radii_tensor(feats, k, batch_size, _check_fp16_matmul(fp16_matmul)).cpu().numpy()
 
 
 def precision_recall(
-    real_features, fake_features, k: int = 3, batch_size: int = 10000, *, device=None
+    real_features, fake_features, k: int = 3, batch_size: int = 10000, *, device=None,
+    fp16_matmul: str = "native",
 ) -> Tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al.), as ADM computes them.
 
@@ -514,9 +556,12 @@ def precision_recall(
 
     Distances are evaluated in ``batch_size x batch_size`` blocks (real rows x
     fake columns, ADM's orientation); no larger matrix is ever built.
+    ``fp16_matmul="fp32_accumulate"`` is the faster float16 product for CPUs
+    (see :func:`_sq_dists_in_dtype`); the default "native" is unchanged.
     Returns ``(precision, recall)`` as Python floats.
     """
     k, batch_size = _check_k_batch(k, batch_size)
+    fp16_matmul = _check_fp16_matmul(fp16_matmul)
     real = _features_tensor(real_features, "real_features", device)
     fake = _features_tensor(fake_features, "fake_features", device)
     if real.shape[1] != fake.shape[1]:
@@ -524,8 +569,8 @@ def precision_recall(
             f"feature dimensions differ: real has D={real.shape[1]}, fake has D={fake.shape[1]}"
         )
     fake = fake.to(real.device)
-    real_radii = _radii_tensor(real, k, batch_size)
-    fake_radii = _radii_tensor(fake, k, batch_size)
+    real_radii = _radii_tensor(real, k, batch_size, fp16_matmul)
+    fake_radii = _radii_tensor(fake, k, batch_size, fp16_matmul)
 
     real_in = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
     fake_in = torch.zeros(fake.shape[0], dtype=torch.bool, device=real.device)
@@ -535,7 +580,7 @@ def precision_recall(
         r_rad = real_radii[r0:r1]
         for c0 in range(0, fake.shape[0], batch_size):
             c1 = min(c0 + batch_size, fake.shape[0])
-            block = _block_sq_dists(rows, fake[c0:c1])  # (rows, cols)
+            block = _block_sq_dists(rows, fake[c0:c1], fp16_matmul)  # (rows, cols)
             fake_in[c0:c1] |= (block <= r_rad[:, None]).any(dim=0)
             real_in[r0:r1] |= (block <= fake_radii[None, c0:c1]).any(dim=1)
     precision = float(fake_in.to(torch.float64).mean().item())
