@@ -6,9 +6,10 @@ against the value the track pins before the file is used.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterable, Optional, Union
+
+from preprocessing.shards import sha256_file  # the project's one file hash (re-exported here)
 
 PathLike = Union[str, Path]
 
@@ -32,15 +33,6 @@ SOURCES = {
 
 class WeightsFileError(ValueError):
     """A weights / reference file is missing, unreadable or not the pinned one."""
-
-
-def sha256_file(path: PathLike, chunk_size: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (streamed, constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _expected_set(expected: Union[None, str, Iterable[str]]) -> Optional[set]:

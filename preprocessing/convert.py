@@ -46,12 +46,12 @@ import numpy as np
 from preprocessing.images import (
     ALPHA_MODES,
     DEFAULT_MIN_SIZE,
-    Entry,
     Listing,
     SourceReader,
     list_source,
     load_and_crop,
 )
+from preprocessing.shards import sha256_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -70,14 +70,6 @@ class ConvertError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- small file helpers
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_bytes(path: Path, payload: bytes) -> None:
@@ -103,7 +95,7 @@ def _file_entry(path: Path, rel: str, dtype: str, shape: Sequence[int]) -> Dict[
         "bytes": path.stat().st_size,
         "dtype": dtype,
         "shape": [int(s) for s in shape],
-        "sha256": _sha256_file(path),
+        "sha256": sha256_file(path),
     }
 
 
@@ -210,7 +202,7 @@ def _convert_slice(job: Dict[str, Any]) -> Dict[str, Any]:
             "index": index,
             "entries": len(entries),
             "count": count,
-            "images": {"bytes": paths["images"].stat().st_size, "sha256": _sha256_file(paths["images"])},
+            "images": {"bytes": paths["images"].stat().st_size, "sha256": sha256_file(paths["images"])},
             "labels": {"bytes": len(buf), "sha256": hashlib.sha256(buf).hexdigest()},
             "skipped": skipped,
             "converted": converted,

@@ -51,7 +51,6 @@ containers only, no code).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -62,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from preprocessing.encoders import LatentEncoder, _check_images
+from preprocessing.shards import sha256_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -269,14 +269,6 @@ class INVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def sha256_file(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _normalise_hex(value: str, what: str) -> str:

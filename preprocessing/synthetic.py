@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -18,6 +17,8 @@ from typing import Dict, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from preprocessing.shards import sha256_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -103,14 +104,6 @@ def make_image_zoo(root: PathLike, seed: int = 0, per_class: int = 4) -> Dict[st
     return expect
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_synthetic_dataset(root: PathLike, n: int, *, resolution: int = 256, latent_shape: Tuple[int, int, int] = (32, 16, 16),
                             num_classes: int = 1000, shard_size: int = 4096, seed: int = 0, split: str = "train",
                             images: str = "noise") -> Path:
@@ -152,7 +145,7 @@ def write_synthetic_dataset(root: PathLike, n: int, *, resolution: int = 256, la
             out.flush()
             del out
             record[kind] = {"path": rel, "bytes": (root / rel).stat().st_size, "dtype": np.dtype(dtype).name,
-                            "shape": list(shape), "sha256": _sha256(root / rel)}
+                            "shape": list(shape), "sha256": sha256_file(root / rel)}
         shards.append(record)
     manifest = {
         "format": FORMAT, "name": "synthetic", "resolution": resolution, "image_channels": 3,
