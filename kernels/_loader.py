@@ -19,7 +19,7 @@ from types import ModuleType
 
 _HERE = Path(__file__).resolve().parent
 _CACHE: dict[tuple[str, bool], ModuleType] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # reentrant: kernel files load kernels/_triton_common.py
 
 
 def load(name: str, interpret: bool) -> ModuleType:
