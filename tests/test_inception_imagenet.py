@@ -24,18 +24,7 @@ from evaluations.npz import NpzArrayReader, ReferenceFileError, SampleFileError,
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch / BLAS thread for this module's small problems: on a shared 2-core machine every
-    parallel region can wait for a descheduled partner thread (measured there: a relu on 200k floats
-    0.05 ms with 1 torch thread, 11 ms with 2; a 2023-d eigvalsh 0.55 s with 1 OpenBLAS thread,
-    22 s with 2). Restored afterwards."""
-    from threadpoolctl import threadpool_limits
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------

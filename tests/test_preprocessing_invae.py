@@ -25,13 +25,7 @@ from preprocessing.shards import ShardDataset, verify_dataset, write_dataset
 TINY = INVAEConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=4, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions are dominated by thread synchronisation on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model(seed=0) -> INVAE:
