@@ -357,7 +357,7 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 10, upscale: int = 
 
 def write_samples_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """ADM sample-batch format: arr_0 uint8 NHWC images, arr_1 int64 labels; written atomically."""
-    from train import atomic_write
+    from preprocessing.shards import atomic_write
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generate import shift_time, time_shift_for_shape
+from preprocessing.shards import atomic_write, sha256_file
 
 
 ROOT = Path(__file__).resolve().parent
@@ -586,7 +587,6 @@ def _load_teacher_weights(path: str, sha256: str, model: nn.Module) -> dict:
     from safetensors.torch import load_file
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    from preprocessing.shards import sha256_file
     if not path:
         raise ConfigError("DINOv2 needs --encoder_weights: a safetensors file of timm's "
                           "vit_base_patch14_dinov2.lvd142m (e.g. the model.safetensors of that timm "
@@ -758,19 +758,6 @@ class StepSampler:
 # =============================================================================================
 # Checkpoints: safetensors, written atomically (temporary file + fsync + rename)
 # =============================================================================================
-def atomic_write(path: Path, write_fn) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
                     step: int, cfg: Config, extra: dict) -> None:
     from safetensors.torch import save_file

@@ -114,7 +114,7 @@ def run_ladder(track_arg: str, out: Path, seeds: list[int], eval_seeds: list[int
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from train import atomic_write
+    from preprocessing.shards import atomic_write
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

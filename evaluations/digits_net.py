@@ -130,10 +130,8 @@ def save_digits_net(model: DigitsNet, path: PathLike, metadata: Dict[str, object
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     meta = {"architecture": ARCH_VERSION, **{k: metadata[k] for k in metadata}}
     payload = save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)
+    from preprocessing.shards import atomic_write
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
     return _sha256_bytes(payload)
 
 

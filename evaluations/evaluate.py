@@ -98,7 +98,8 @@ def evaluate_samples(samples_path: Path, track: dict, **imagenet_options) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train import atomic_write, load_track
+    from preprocessing.shards import atomic_write
+    from train import load_track
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("samples", help="ADM-format .npz with arr_0 = uint8 [N, H, W, C]")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_imagenet(args, track: dict) -> int:
-    from train import atomic_write
+    from preprocessing.shards import atomic_write
 
     from evaluations.imagenet import Distributed, build_extractors, evaluate_imagenet
     from evaluations.inception import InceptionGraphError

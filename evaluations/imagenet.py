@@ -37,6 +37,7 @@ from evaluations import metrics as M
 from evaluations.npz import (NpzArrayReader, ReferenceFileError, SampleFileError,
                              open_image_batch)
 from evaluations.weights import sha256_file
+from preprocessing.shards import atomic_write
 
 CACHE_FORMAT = "reference-features-v1"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "eval_cache"
@@ -318,7 +319,6 @@ def reference_features(reference: ReferenceBatch, consumers: Sequence[Consumer],
 
 
 def _save_cache(path: Path, key: str, identity: dict, ext: Extracted) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"key": np.array(key), "identity": np.array(json.dumps(identity, sort_keys=True)),
               "count": np.array(ext.count)}
     for k, named in ext.arrays.items():
@@ -330,9 +330,10 @@ def _save_cache(path: Path, key: str, identity: dict, ext: Extracted) -> None:
             arrays[f"stats/{k}/{n}/count"] = st["count"]
             arrays[f"stats/{k}/{n}/mean"] = st["mean"]
             arrays[f"stats/{k}/{n}/m2"] = st["m2"]
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 
 def _load_cache(path: Path, key: str, consumers: Sequence[Consumer]) -> Optional[Extracted]:

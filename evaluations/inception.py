@@ -646,14 +646,11 @@ def save_converted(pb_path: PathLike, out_path: PathLike, expected_sha256=None) 
     """Convert a ``.pb`` to a safetensors state dict (metadata records the source sha256); returns its sha256."""
     from safetensors.torch import save_file
 
-    from evaluations.weights import sha256_file
+    from preprocessing.shards import atomic_write, sha256_file
     source_sha = check_file(pb_path, "Inception graph (.pb)", INCEPTION_SOURCE, expected_sha256)
     state, metadata = convert_graph_def(read_graph_def(pb_path), source=str(pb_path))
     metadata["source_sha256"] = source_sha
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(out_path)
+    atomic_write(out_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return sha256_file(out_path)
 
 

@@ -51,7 +51,7 @@ from preprocessing.images import (
     list_source,
     load_and_crop,
 )
-from preprocessing.shards import sha256_file
+from preprocessing.shards import atomic_write, sha256_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,16 +73,7 @@ class ConvertError(RuntimeError):
 
 
 def _atomic_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -37,6 +36,7 @@ from preprocessing.encoders import LatentEncoder, get_encoder
 from preprocessing.shards import (
     MANIFEST_NAME,
     ShardFormatError,
+    atomic_write,
     read_manifest,
     sha256_file,
     shard_file,
@@ -97,16 +97,8 @@ def _encoder_identity(encoder: LatentEncoder) -> Dict[str, Any]:
 
 
 def _write_state(root: Path, state: Dict[str, Any]) -> None:
-    tmp = root / f".{STATE_NAME}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, sort_keys=True, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / STATE_NAME)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    text = json.dumps(state, sort_keys=True, indent=1)
+    atomic_write(root / STATE_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _encode_shard(encoder: LatentEncoder, images: np.ndarray, out_path: Path, latent_shape, batch_size: int,

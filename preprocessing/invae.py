@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from preprocessing.encoders import LatentEncoder, _check_images
-from preprocessing.shards import sha256_file
+from preprocessing.shards import atomic_write, sha256_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -382,17 +382,9 @@ def convert_checkpoint(src: PathLike, dst: PathLike, expected_sha256: Optional[s
     load_state_dict_checked(INVAE(config), tensors, src)
     from safetensors.torch import save_file
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp),
-                  metadata={"format": "invae-f16d32", "source_sha256": sha256_file(src)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    metadata = {"format": "invae-f16d32", "source_sha256": sha256_file(src)}
+    atomic_write(dst, lambda tmp: save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp),
+                                            metadata=metadata))
     return sha256_file(dst)
 
 

@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from preprocessing.shards import atomic_write
+
 PathLike = Union[str, os.PathLike]
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -63,17 +65,8 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 def write_npz(path: PathLike, arrays: Dict[str, np.ndarray]) -> Path:
     """Write :func:`npz_bytes` of ``arrays`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(npz_bytes(**arrays))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    payload = npz_bytes(**arrays)
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
     return path
 
 
@@ -229,9 +222,8 @@ def build_reference(out: PathLike, *, folder: Optional[PathLike] = None, shards:
         arrays.update(feature_statistics_arrays(images, features))
     if report is not None:
         report_path = out.with_name(out.name + ".report.json")
-        tmp = report_path.with_name(f".{report_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, report_path)
+        text = json.dumps(report, sort_keys=True, indent=2) + "\n"
+        atomic_write(report_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         log(f"reference: {report['images']} images, {len(report['skipped'])} files skipped "
             f"(listed with reasons in {report_path})")
     write_npz(out, arrays)

@@ -91,6 +91,7 @@ __all__ = [
     "read_manifest",
     "verify_dataset",
     "sha256_file",
+    "atomic_write",
     "shard_kinds",
     "shard_file",
     "dump_manifest",
@@ -117,6 +118,21 @@ def sha256_file(path: PathLike) -> str:
                 break
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def atomic_write(path: PathLike, write_fn) -> None:
+    """write_fn(tmp) writes the whole file to a temporary name beside ``path``; it is fsynced and
+    renamed over ``path``, so readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _shard_file(split: str, kind: str, index: int) -> str:
@@ -148,17 +164,9 @@ def write_manifest(root: PathLike, manifest: Mapping[str, Any]) -> Path:
     """Atomically (temporary file, fsync, rename) write ``<root>/manifest.json``."""
     root = Path(root)
     path = root / MANIFEST_NAME
-    tmp = root / f".{MANIFEST_NAME}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_dump_manifest(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(root)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    payload = _dump_manifest(manifest)
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+    _fsync_dir(root)
     return path
 
 

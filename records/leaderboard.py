@@ -165,7 +165,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def render_leaderboard(records_dir: Path, out_path: Path) -> str:
-    from train import atomic_write
+    from preprocessing.shards import atomic_write
     text = render_markdown(records_dir)
     render_plots(records_dir)
     atomic_write(Path(out_path), lambda tmp: Path(tmp).write_text(text))

@@ -34,7 +34,7 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
     import dataclasses
 
     from preprocessing.shards import sha256_file
-    from train import atomic_write
+    from preprocessing.shards import atomic_write
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     slug = _slug(re.sub(r"^\d{4}-\d{2}-\d{2}_", "", cfg.run_name))
