@@ -20,7 +20,11 @@ or timm's ``model.safetensors`` of ``vit_large_patch14_dinov2.lvd142m`` (see
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import math
+import os
 import re
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -56,6 +60,12 @@ def build_dinov2(depth: int = 24, img_size: int = IMAGE_SIZE):
     return timm.create_model(ARCH, pretrained=False, img_size=img_size, num_classes=0, depth=depth).eval()
 
 
+@functools.lru_cache(maxsize=1)
+def _resize_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1),
+                                                 thread_name_prefix="dinov2-resize")
+
+
 def preprocess(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     """uint8 NHWC RGB -> float32 NCHW: PIL bicubic resize to size x size, / 255, ImageNet mean/std."""
     from PIL import Image
@@ -64,11 +74,14 @@ def preprocess(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
         raise ValueError("expected uint8 NHWC RGB images [N, H, W, 3], got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        if img.shape[:2] == (size, size):
-            out[i] = img
-        else:
-            out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+
+    def resize(i: int) -> None:
+        img = images[i]
+        out[i] = img if img.shape[:2] == (size, size) else np.asarray(
+            Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    # PIL releases the GIL while resizing: threads keep the CPU side off a GPU's critical path
+    # (each image is resized on its own, so the result does not depend on the thread count)
+    list(_resize_pool().map(resize, range(len(images))))
     x = torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div(255.0)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
@@ -148,10 +161,30 @@ def load_dinov2(path: PathLike, expected_sha256=None, device: Union[str, torch.d
     return model.to(device), {"path": str(path), "sha256": sha}
 
 
+PRECISIONS = ("fp32", "tf32")
+
+
+@contextlib.contextmanager
+def tf32_matmuls():
+    """TF32 tensor-core matmuls and convolutions inside (an opt-in speed-up on GPUs, not what
+    dgm-eval computes: see evaluations/README.md, KDD); settings restored after."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 @torch.no_grad()
-def dinov2_features(model, images: np.ndarray, device: Optional[torch.device] = None) -> torch.Tensor:
-    """CLS token after the final norm, [N, 1024] float32, of uint8 NHWC images."""
+def dinov2_features(model, images: np.ndarray, device: Optional[torch.device] = None,
+                    precision: str = "fp32") -> torch.Tensor:
+    """CLS token after the final norm, [N, 1024] float32, of uint8 NHWC images. precision
+    'fp32' (default, plain float32 as dgm-eval runs it) or 'tf32' (TF32 matmuls on GPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"DINOv2 precision must be one of {PRECISIONS}, got {precision!r}")
     device = device or next(model.parameters()).device
-    x = preprocess(images).to(device)
-    with exact_float32():
+    x = preprocess(images).to(device, non_blocking=True)
+    with exact_float32() if precision == "fp32" else tf32_matmuls():
         return model(x).float()

@@ -220,10 +220,14 @@ class DINOv2FeatureExtractor(FeatureExtractor):
     required_features = ("pool",)
     default_batch_size = 32
 
-    def __init__(self, weights=None, sha256=None, device: Union[str, torch.device, None] = None, model=None):
+    def __init__(self, weights=None, sha256=None, device: Union[str, torch.device, None] = None, model=None,
+                 precision: str = "fp32"):
         from evaluations import dinov2
         from evaluations.weights import WeightsFileError
 
+        if precision not in dinov2.PRECISIONS:
+            raise ValueError(f"{self.name}: precision must be one of {dinov2.PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.device = _default_device(device)
         info = {"path": None, "sha256": None}
         weights = weights or os.environ.get("SPEEDRUN_DINOV2_WEIGHTS") or None
@@ -236,11 +240,12 @@ class DINOv2FeatureExtractor(FeatureExtractor):
         self.weights_info = info
         self.identity = {"network": self.name, "weights_sha256": info.get("sha256"),
                          "preprocess": "PIL bicubic 224, ImageNet mean/std",
-                         "pos_embed": "hub bicubic, scale (16+0.1)/37, no antialias"}
+                         "pos_embed": "hub bicubic, scale (16+0.1)/37, no antialias", "precision": precision}
         self._features = dinov2.dinov2_features
 
     def _extract_batch(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        return {"pool": self._features(self.model, images, self.device).to("cpu", torch.float64).numpy()}
+        feats = self._features(self.model, images, self.device, self.precision)
+        return {"pool": feats.to("cpu", torch.float64).numpy()}
 
 
 register_feature_extractor("inception_adm")(InceptionADMFeatureExtractor)

@@ -61,7 +61,9 @@ def kdd_definition(protocol: dict) -> str:
         f"{int(kd.get('num_subsets', 100))} subsets of {int(kd.get('subset_size', 1000))} reference and "
         f"{int(kd.get('subset_size', 1000))} sample features drawn without replacement "
         f"(numpy PCG64, seed {int(kd.get('seed', 0))}); reference = the reference batch's arr_0; "
-        "raw units (no x1000)")
+        "raw units (no x1000); DINOv2 run in "
+        + ("float32 with TF32 tensor-core matmuls (the protocol's opt-in speed-up, not dgm-eval's arithmetic)"
+           if kd.get("precision", "fp32") == "tf32" else "plain float32 (no TF32), as dgm-eval runs it"))
 
 
 # ---------------------------------------------------------------------------
@@ -407,7 +409,8 @@ def build_extractors(protocol: dict, backend: Optional[str] = None, device=None,
     if "kdd" in protocol:
         kd = protocol["kdd"]
         out["dinov2"] = get_feature_extractor("dinov2_vitl14", weights=dinov2_weights or kd.get("weights"),
-                                              sha256=kd.get("sha256"), device=device)
+                                              sha256=kd.get("sha256"), device=device,
+                                              precision=kd.get("precision", "fp32"))
     return out
 
 
