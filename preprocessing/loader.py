@@ -1,7 +1,7 @@
 """The trainer's data loader: memory-mapped shards, deterministic order, exact restart.
 
-Order (identical to ``train.py``'s ``StepSampler``, so swapping this loader in
-changes no result):
+Order (``train.py`` reads its training data through this loader, so this is the
+trainer's one definition of it):
 
 * the data is a stream of epochs; epoch ``e`` is the permutation
   ``torch.randperm(N, generator=torch.Generator().manual_seed(k))`` with
@@ -235,7 +235,11 @@ class ShardLoader:
         self._thread.start()
 
     def _shutdown(self) -> None:
-        if self._thread is not None:
+        if self._thread is threading.current_thread():
+            # __del__ in the producer itself: its frame held the last reference. It is ending;
+            # waiting for it here would wait forever.
+            self._stop.set()
+        elif self._thread is not None:
             self._stop.set()
             while self._thread.is_alive():
                 try:

@@ -1,12 +1,14 @@
-"""ShardLoader: the trainer's exact order (train.StepSampler), rank splits, exact restart, images, errors."""
+"""ShardLoader (the trainer's data): the documented order, rank splits, exact restart, images, errors."""
 from __future__ import annotations
+
+import hashlib
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-import train
-from preprocessing.loader import LoaderStateError, ShardLoader
+from preprocessing.loader import LoaderStateError, ShardLoader, global_indices
 from preprocessing.shards import ShardDataset, ShardFormatError, write_dataset
 from preprocessing.synthetic import write_synthetic_dataset
 
@@ -19,26 +21,46 @@ def synthetic(tmp_path_factory):
     return root
 
 
+def documented_stream(n: int, seed: int, items: int) -> np.ndarray:
+    """The order as the module docstring states it, written out independently: epoch e is
+    torch.randperm(n) seeded by the first 8 bytes (little endian, 63 bits) of sha256("data/{seed}/{e}"),
+    and the epochs follow one another."""
+    epochs = []
+    for e in range(-(-items // n)):
+        key = hashlib.sha256(f"data/{seed}/{e}".encode()).digest()
+        seed_e = int.from_bytes(key[:8], "little") & (2**63 - 1)
+        epochs.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed_e)).numpy())
+    return np.concatenate(epochs)[:items]
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_same_order_as_train_step_sampler(digits_dir, world_size):
+def test_order_is_the_documented_one(digits_dir, world_size):
     ds = ShardDataset(digits_dir, "train")
-    sampler = train.StepSampler(len(ds), 128, seed=5)
-    loaders = [ShardLoader(digits_dir, "train", 128, seed=5, rank=r, world_size=world_size, dataset=ds)
+    steps, batch_size = 25, 128  # 25 * 128 > 2 epochs of 1297: batches straddle epochs
+    stream = documented_stream(len(ds), 5, steps * batch_size)
+    loaders = [ShardLoader(digits_dir, "train", batch_size, seed=5, rank=r, world_size=world_size, dataset=ds)
                for r in range(world_size)]
-    local = 128 // world_size
-    for step in range(25):  # 25 * 128 > 2 epochs of 1297
-        expect = sampler.global_indices(step)
+    local = batch_size // world_size
+    for step in range(steps):
+        expect = stream[step * batch_size : (step + 1) * batch_size]  # batch s = items [sB, (s+1)B)
         got = [next(loader) for loader in loaders]
-        for r, batch in enumerate(got):
+        for r, batch in enumerate(got):  # rank r: the contiguous slice [rB/W, (r+1)B/W)
             assert batch.step == step
             assert np.array_equal(batch.indices, expect[r * local : (r + 1) * local])
+            assert np.array_equal(loaders[r].rank_indices(step), batch.indices)
+        assert np.array_equal(global_indices(step, len(ds), batch_size, 5), expect)
         x0 = torch.cat([b.latents for b in got])
         assert torch.equal(x0, torch.from_numpy(ds.get_latents(expect)))
         assert torch.equal(torch.cat([b.labels for b in got]), torch.from_numpy(ds.labels[expect].astype(np.int64)))
-        assert loaders[0].state_dict()["epoch"] == sampler.position(step + 1)["epoch"]
-        assert loaders[0].state_dict()["index_in_epoch"] == sampler.position(step + 1)["index_in_epoch"]
+        done = (step + 1) * batch_size  # samples consumed so far
+        for loader in loaders:
+            assert loader.state_dict() == {"step": step + 1, "epoch": done // len(ds),
+                                           "index_in_epoch": done % len(ds), "seed": 5,
+                                           "global_batch": batch_size, "dataset_size": len(ds)}
     for loader in loaders:
         loader.close()
+    assert (stream[:len(ds)] != np.arange(len(ds))).any()  # really shuffled
+    assert not np.array_equal(stream[:len(ds)], stream[len(ds):2 * len(ds)])  # a new permutation per epoch
 
 
 def test_exact_restart_from_step_and_from_state(synthetic):
@@ -83,6 +105,26 @@ def test_images_and_labels_match_the_shards(synthetic):
     seen = np.concatenate([ShardLoader(synthetic, "train", 24, seed=0, prefetch=0).load(s).indices
                            for s in range(n_steps)])
     assert np.array_equal(np.sort(seen), np.repeat(np.arange(103), 24 // np.gcd(103, 24)))
+
+
+def test_a_dropped_loader_does_not_leave_its_thread_running(synthetic):
+    """An unclosed loader dropped while its producer still runs: the producer's own frame then holds
+    the last reference, so __del__ runs in the producer thread; it must end, not wait for itself."""
+    gate = threading.Event()
+
+    class Gated(ShardLoader):
+        def load(self, step, cache=None):
+            if step == 1:
+                gate.wait(10)
+            return super().load(step, cache)
+    before = set(threading.enumerate())
+    loader = Gated(synthetic, "train", 8, seed=0, end_step=2, prefetch=2)
+    assert next(loader).step == 0
+    [thread] = [t for t in threading.enumerate() if t not in before]
+    del loader
+    gate.set()  # the producer finishes step 1 and returns, dropping the last reference
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_bad_arguments_and_missing_latents(synthetic, tmp_path):
