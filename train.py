@@ -99,12 +99,14 @@ class Config:
     ema_decay: float = flag(0.9999, "EMA decay of the weights used for sampling")
     seed: int = flag(0, "seed of the model init, the data order and every step's noise")
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
-    compile: bool = flag(False, "torch.compile the model")
+    compile: bool = flag(False, "torch.compile the model (on a GPU the fastest setting: 2.7x the public SR-DiT "
+                                "step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of compilation first)")
     deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
-    kernels: str = flag("auto", "triton (kernels/: flash attention with fused QK-norm + RoPE, and with --norm "
+    kernels: str = flag("auto", "triton (kernels/: one fused QK-norm + RoPE pass before SDPA, and with --norm "
                                 "rmsnorm the fused modulated norm and gated residual) | torch (SDPA and plain "
-                                "ops) | auto (triton where CUDA and the kernels' self-check pass)")
+                                "ops) | auto (triton where CUDA and the kernels' self-check pass, torch with "
+                                "--compile true)")
     # ---- bookkeeping
     run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
     runs_dir: str = flag("runs", "where run folders go")
@@ -281,18 +283,23 @@ class Attention(nn.Module):
             self.value_lambda = nn.Parameter(torch.tensor(0.5))
 
     backend = "torch"  # set_kernels() switches to the Triton kernels
+    flash = False  # with Triton: the flash-attention kernel instead of prologue kernel + SDPA
 
     def forward(self, x: torch.Tensor, rope: tuple | None, v1: torch.Tensor | None):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if hasattr(self, "value_lambda"):
             v = self.value_lambda * v1 + (1 - self.value_lambda) * v
-        if self.backend == "triton":  # QK-norm and RoPE fused into the attention kernel
+        if self.backend == "triton":
             import kernels
             q_w = self.q_norm.weight if hasattr(self, "q_norm") else None
             k_w = self.k_norm.weight if hasattr(self, "k_norm") else None
-            out = kernels.attention(q, k, v, rope=rope, q_norm_weight=q_w, k_norm_weight=k_w, eps=1e-6,
-                                    backend="triton")
+            common = dict(rope=rope, q_norm_weight=q_w, k_norm_weight=k_w, eps=1e-6, backend="triton")
+            if self.flash:  # QK-norm and RoPE fused into the Triton flash-attention kernel
+                out = kernels.attention(q, k, v, **common)
+            else:  # one Triton pass for QK-norm + RoPE, then the fastest SDPA backend
+                q, k = kernels.qk_norm_rope(q, k, **common)
+                out = F.scaled_dot_product_attention(q, k, v)
         else:
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
@@ -302,21 +309,27 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
 
 
-def set_kernels(model: nn.Module, choice: str, device: torch.device) -> str:
-    """Resolves --kernels (auto: triton on CUDA when kernels.selfcheck passes, else torch) and
-    sets it on every attention layer and block; returns the backend used."""
+def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False,
+                compiled: bool = False) -> str:
+    """Resolves --kernels and sets it on every attention layer and block; returns the backend
+    used. auto: triton on CUDA when kernels.selfcheck passes, else torch; and torch for a
+    torch.compile'd model, where inductor fuses the same ops without the graph breaks the kernels
+    cost (2x faster, benchmarks/RESULTS_GPU.md). With Triton, attention is the QK-norm/RoPE kernel
+    feeding PyTorch SDPA's fused backends, or with flash_attention=True the Triton flash kernel."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = choice
     if choice == "auto":
         backend = "torch"
-        if device.type == "cuda":
+        if device.type == "cuda" and not compiled:
             import kernels
             ok, _why = kernels.selfcheck(device)
             backend = "triton" if ok else "torch"
     for module in model.modules():
         if isinstance(module, (Attention, SiTBlock)):
             module.backend = backend
+        if isinstance(module, Attention):
+            module.flash = flash_attention
     return backend
 
 
@@ -411,7 +424,10 @@ class SiT(nn.Module):
             if opts.sprint_dense_in + opts.sprint_dense_out >= depth:
                 raise ConfigError(f"SPRINT split {opts.sprint_dense_in}+{opts.sprint_dense_out} leaves no "
                                   f"sparse blocks in depth {depth}")
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden))
+            # 1-D: torch 2.11's compiled backward returned a [hidden] gradient for a [1, 1, hidden]
+            # parameter ("invalid gradient ... expected [1, 1, 768]"); older checkpoints are reshaped
+            self.mask_token = nn.Parameter(torch.zeros(hidden))
+            self._register_load_state_dict_pre_hook(self._mask_token_1d)
             self.fusion = nn.Linear(2 * hidden, hidden)
         if opts.repa_depth:
             if not 1 <= opts.repa_depth <= depth or not opts.repa_dim:
@@ -443,6 +459,12 @@ class SiT(nn.Module):
             nn.init.zeros_(self.cls_head.weight)
         if self.opts.sprint:
             nn.init.normal_(self.mask_token, std=0.02)
+
+    @staticmethod
+    def _mask_token_1d(state_dict, prefix, *_args) -> None:
+        key = prefix + "mask_token"
+        if key in state_dict and state_dict[key].dim() == 3:
+            state_dict[key] = state_dict[key].reshape(-1)
 
     @property
     def num_patches(self) -> int:
@@ -494,7 +516,7 @@ class SiT(nn.Module):
     def _sparse(self, blocks, h, c, rope, v1, routing: Routing) -> torch.Tensor:
         """SPRINT's middle: the kept tokens (all at evaluation) through the sparse blocks, the
         dropped positions refilled with the mask token; path drop returns the mask token alone."""
-        filled = self.mask_token.to(h.dtype).expand(h.shape[0], h.shape[1], -1)
+        filled = self.mask_token.to(h.dtype).expand(h.shape[0], h.shape[1], -1)  # [D] -> [B, N, D]
         if routing.path_drop:
             return filled
         if routing.keep is None:
@@ -681,21 +703,15 @@ def flow_matching_inputs(x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps
     return x_t, torch.where(drop, torch.full_like(y, num_classes), y), eps - x0
 
 
-def load_micro_batch(dataset, indices: np.ndarray, part: slice, eps: torch.Tensor, with_negatives: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Latents and labels of global-batch positions `part`. With CFM also the negatives: the
-    velocity targets of the GLOBAL batch rolled by one (position i gets the target of i - 1, the
-    first gets the last), so the pairing does not depend on how the batch is split over ranks;
-    the one sample before the chunk is loaded for it."""
-    if not with_negatives:
-        idx = indices[part]
-        return torch.from_numpy(dataset.get_latents(idx)), torch.from_numpy(dataset.labels[idx].astype(np.int64)), None
-    prev = (part.start - 1) % len(indices)
-    idx = np.concatenate([indices[prev:prev + 1], indices[part]])
-    x0 = torch.from_numpy(dataset.get_latents(idx))
-    y = torch.from_numpy(dataset.labels[idx].astype(np.int64))
-    targets = torch.cat([eps[prev:prev + 1], eps[part]]) - x0
-    return x0[1:], y[1:], targets[:-1]
+def cfm_negatives(x0: torch.Tensor, eps: torch.Tensor, first: int, latent_at) -> torch.Tensor:
+    """CFM negatives of the global-batch positions [first, first + len(x0)) whose latents are x0:
+    the velocity targets of the GLOBAL batch rolled by one (position i gets the target of i - 1,
+    the first gets the last), so the pairing does not depend on how the batch is split over ranks.
+    eps is the global batch's noise; latent_at(p) returns the latent [1, ...] of global position p
+    and is called for the one sample just before the run (unless the run is the whole batch)."""
+    prev = (first - 1) % len(eps)
+    x_prev = x0[-1:] if len(x0) == len(eps) else latent_at(prev)
+    return torch.cat([eps[prev:prev + 1] - x_prev, eps[first:first + len(x0)] - x0])[:-1]
 
 
 def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tensor, noise: StepNoise,
@@ -728,31 +744,11 @@ def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tens
 
 
 # =============================================================================================
-# Data: the global batch at step s is items [s*B, (s+1)*B) of an endless stream of per-epoch
-# permutations seeded by (seed, epoch); rank r takes its contiguous slice of that batch.
+# Data: preprocessing.loader.ShardLoader (memory-mapped shards, a prefetch thread). The global
+# batch at step s is items [s*B, (s+1)*B) of an endless stream of per-epoch permutations seeded
+# by (seed, epoch); rank r takes its contiguous slice of that batch, which train_step splits into
+# grad_accum consecutive micro-batches. The order depends on (seed, step) only.
 # =============================================================================================
-class StepSampler:
-    def __init__(self, dataset_size: int, global_batch: int, seed: int):
-        self.n, self.batch, self.seed = dataset_size, global_batch, seed
-        self._epoch, self._perm = -1, None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            key = hashlib.sha256(f"data/{self.seed}/{epoch}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm
-
-    def global_indices(self, step: int) -> np.ndarray:
-        positions = np.arange(step * self.batch, (step + 1) * self.batch)
-        out = np.empty(self.batch, dtype=np.int64)
-        for epoch in np.unique(positions // self.n):
-            mask = positions // self.n == epoch
-            out[mask] = self.permutation(int(epoch)).numpy()[positions[mask] % self.n]
-        return out
-
-    def position(self, step: int) -> dict:
-        return {"epoch": step * self.batch // self.n, "index_in_epoch": step * self.batch % self.n}
 
 
 # =============================================================================================
@@ -806,8 +802,11 @@ def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
     optim_state = section("optim.")
     for p_name, p in by_name.items():
         state = {key.rsplit(".", 1)[1]: v for key, v in optim_state.items() if key.rsplit(".", 1)[0] == p_name}
-        if state:
-            optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
+        if state:  # moments take the parameter's shape (a checkpoint's [1, 1, D] mask token is [D] now)
+            try:
+                optimizer.state[p] = {k: v if k == "step" else v.to(p.device).view_as(p) for k, v in state.items()}
+            except RuntimeError as e:
+                raise CheckpointError(f"checkpoint {path}: optimizer state of {p_name} does not fit: {e}") from e
     if "rng.torch_cpu" in tensors:
         torch.set_rng_state(tensors["rng.torch_cpu"])
     return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]),
@@ -959,6 +958,7 @@ def train(cfg: Config) -> dict:
 
     from tqdm import tqdm
 
+    from preprocessing.loader import LoaderStateError, ShardLoader, global_indices
     from preprocessing.shards import ShardDataset
 
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
@@ -996,7 +996,7 @@ def train(cfg: Config) -> dict:
         if cfg.repa_coef > 0 and probe.shape[1] != model.num_patches:
             raise ConfigError(f"REPA: the teacher gives {probe.shape[1]} patch tokens, {cfg.model} has "
                               f"{model.num_patches}; choose a patch size that matches")
-    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device)
+    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device, compiled=cfg.compile)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")
@@ -1019,7 +1019,17 @@ def train(cfg: Config) -> dict:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    sampler = StepSampler(len(dataset), cfg.global_batch, cfg.seed)
+    # this rank's slice of every global batch from start_step on; its thread starts at the first batch
+    loader = ShardLoader(None, track["dataset"]["train_split"], cfg.global_batch, cfg.seed,
+                         rank=accelerator.process_index, world_size=world, start_step=start_step,
+                         with_images=teacher is not None, end_step=cfg.iterations,
+                         pin_memory=accelerator.device.type == "cuda", dataset=dataset)
+    if resume_path:  # the checkpoint's data position must be its step's in this dataset and order
+        try:
+            loader.load_state_dict({**state["extra"].get("data_position", {}), "step": start_step})
+        except LoaderStateError as e:
+            raise ConfigError(f"cannot resume {resume_path}: {e}") from None
+    perm_cache: dict = {}  # epoch permutations for CFM's one sample before this rank's slice
     num_classes = track["dataset"]["num_classes"]
     latent_shape = tuple(track["dataset"]["latent_shape"])
     time_shift = time_shift_for_shape(latent_shape, cfg.time_shift_base) if cfg.time_shift_base > 0 else 1.0
@@ -1045,8 +1055,10 @@ def train(cfg: Config) -> dict:
     def checkpoint(step: int) -> None:
         if is_main:
             path = run_dir / "checkpoints" / f"step_{step:08d}.safetensors"
+            data_position = loader.state_dict()  # step, epoch, index_in_epoch + what the order depends on
+            assert data_position["step"] == step, (data_position, step)
             save_checkpoint(path, unwrap(model), ema, optimizer, step, cfg,
-                            {"data_position": sampler.position(step), "world_size": world,
+                            {"data_position": data_position, "world_size": world,
                              "train_seconds": train_seconds})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 old.unlink()
@@ -1059,22 +1071,33 @@ def train(cfg: Config) -> dict:
     def train_step(step: int) -> tuple[float, torch.Tensor]:
         """Forward/backward over this rank's micro-batches of the global batch; returns the mean
         loss over every process and micro-batch, and the clipped gradient norm."""
-        indices = sampler.global_indices(step)
+        batch = next(loader)  # this rank's contiguous slice of the global batch of `step`
+        assert batch.step == step, (batch.step, step)
         noise = noise_for(step)
-        total = torch.zeros((), device=accelerator.device)
+        device = accelerator.device
+        first = accelerator.process_index * loader.local_batch  # global position of the slice
+        x0 = batch.latents.to(device, non_blocking=True)
+        y = batch.labels.to(device, non_blocking=True)
+        images = batch.images.to(device, non_blocking=True) if teacher is not None else None
+        negatives = None
+        if cfg.cfm_coef > 0:
+            def latent_at(p: int) -> torch.Tensor:  # the sample just before the slice (another rank's)
+                idx = global_indices(step, loader.n, cfg.global_batch, cfg.seed, perm_cache)[p:p + 1]
+                return torch.from_numpy(loader.dataset.get_latents(idx))
+            negatives = cfm_negatives(batch.latents, noise.eps, first, latent_at).to(device, non_blocking=True)
+        total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            chunk = micro * world + accelerator.process_index  # contiguous chunks of the global batch
-            part = slice(chunk * micro_batch, (chunk + 1) * micro_batch)
-            x0, y, negatives = load_micro_batch(dataset, indices, part, noise.eps, cfg.cfm_coef > 0)
-            negatives = None if negatives is None else negatives.to(accelerator.device)
-            local = noise.slice(part, accelerator.device)
+            # chunk process_index * grad_accum + micro of the global batch: the rank's slice in
+            # consecutive micro-batches; the noise is taken at the same global positions
+            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            local = noise.slice(slice(first + rows.start, first + rows.stop), device)
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 teacher_out = None  # the teacher runs in the training precision too (bf16 on GPU)
                 if teacher is not None:
-                    teacher_out = teacher(torch.from_numpy(dataset.get_images(indices[part])).to(accelerator.device))
-                loss, _ = training_loss(model, cfg, x0.to(accelerator.device), y.to(accelerator.device),
-                                        local, num_classes, teacher_out, negatives)
+                    teacher_out = teacher(images[rows])
+                loss, _ = training_loss(model, cfg, x0[rows], y[rows], local, num_classes, teacher_out,
+                                        None if negatives is None else negatives[rows])
                 accelerator.backward(loss / cfg.grad_accum)
             total += loss.detach() / cfg.grad_accum
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1123,6 +1146,7 @@ def train(cfg: Config) -> dict:
                                  f"--run_name {cfg.run_name}")
     finally:
         bar.close()
+        loader.close()  # stops the prefetch thread (end of training, error or signal)
         noise_for.close()
         signal.signal(signal.SIGTERM, previous_handler)
         if tracker:

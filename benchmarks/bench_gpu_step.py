@@ -64,10 +64,11 @@ class SRDiTStep:
     """One training step of train.py's SR-DiT configuration, with its state."""
 
     def __init__(self, variant: str, batch: int, device: torch.device, seed: int = 0):
-        """variant: 'torch' or 'triton' (--kernels), optionally '+compile' (--compile true) and
-        '+nondeterministic' (--deterministic false)."""
+        """variant: 'torch' or 'triton' (--kernels), optionally '+compile' (--compile true),
+        '+nondeterministic' (--deterministic false) and, with triton, '+flash' (the Triton
+        flash-attention kernel instead of the QK-norm/RoPE kernel feeding SDPA)."""
         kernels, *extras = variant.split("+")
-        unknown = set(extras) - {"compile", "nondeterministic"}
+        unknown = set(extras) - {"compile", "nondeterministic", "flash"}
         if unknown:
             raise ValueError(f"unknown variant parts {sorted(unknown)} in {variant!r}")
         compile = "compile" in extras
@@ -80,7 +81,7 @@ class SRDiTStep:
         torch.manual_seed(seed)
         self.teacher = train.DinoV2Teacher(self.track["dataset"]["resolution"], random_init=True).to(device)
         model = train.build_model(self.cfg, self.track, self.teacher.dims).to(device)
-        self.backend = train.set_kernels(model, kernels, device)
+        self.backend = train.set_kernels(model, kernels, device, flash_attention="flash" in extras)
         self.n_params = train.count_parameters(model)
         import copy
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--variants", default="torch,triton",
-                   help="comma-separated: torch | triton, each optionally +compile and/or +nondeterministic; "
+                   help="comma-separated: torch | triton, each optionally +compile, +nondeterministic, +flash; "
                         "the first is the reference of the loss column")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many steps of each variant: device busy time and "

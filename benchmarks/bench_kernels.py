@@ -8,7 +8,8 @@
 Tables:
  1. attention forward and forward+backward: our Triton kernel (plain, and with the fused
     QK-RMSNorm + 2D-RoPE prologue) against every SDPA backend PyTorch offers (flash, cuDNN,
-    efficient, math) and against the unfused PyTorch chain (RMSNorm, RoPE, SDPA).
+    efficient, math) and against the unfused PyTorch chain (RMSNorm, RoPE, SDPA); and the
+    stand-alone Triton prologue (kernels.qk_norm_rope) feeding SDPA, as train.py runs it.
  2. adaLN modulated RMSNorm, and the gated residual add fused with it, against plain PyTorch.
  The end-to-end training step with the kernels on and off: benchmarks/bench_gpu_step.py.
 
@@ -105,6 +106,19 @@ def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         impls.append((f"SDPA {name}", False, False, run))
+    impls.append(("SDPA default choice", False, False, F.scaled_dot_product_attention))
+
+    def prologue_sdpa(q, k, v, backends=None):
+        q, k = kernels.qk_norm_rope(q, k, backend="triton", **pro)
+        if backends is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v)
+    impls.append(("triton qk_norm_rope + SDPA default", True, False, prologue_sdpa))
+    for name in ("cuDNN", "flash"):
+        if name in sdpa_backends():
+            impls.append((f"triton qk_norm_rope + SDPA {name}", True, False,
+                          lambda q, k, v, b=sdpa_backends()[name]: prologue_sdpa(q, k, v, [b])))
     impls.append(("PyTorch chain: rmsnorm, rope, SDPA", True, False,
                   lambda q, k, v: R.attention_torch(q, k, v, **pro)))
     if compile_chain:
@@ -119,6 +133,13 @@ def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
     impls.append(("from qkv: triton attention_packed + qknorm + rope", True, True,
                   lambda qkv: kernels.attention_packed(qkv, heads, backend="triton", **pro)))
     impls.append(("from qkv: PyTorch permute, chain, head merge", True, True, chain_packed))
+
+    def prologue_sdpa_packed(qkv):  # what train.py runs with --kernels triton
+        b, n, c3 = qkv.shape
+        q, k, v = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+        return prologue_sdpa(q, k, v).transpose(1, 2).reshape(b, n, c3 // 3)
+    impls.append(("from qkv: triton qk_norm_rope + SDPA default, head merge", True, True,
+                  prologue_sdpa_packed))
     return impls
 
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check the harness owes, in one go, on one CUDA machine (about 8 minutes on an H100):
 #   bash benchmarks/gpu_suite.sh [out_dir] [--public path/to/time_step.py] [--parts "step kernels_tests ..."]
-# Parts: step (eager training step, kernels off/on, deterministic or not, profiled; the public SR-DiT
-# code when --public names its timing script), step_compile (the torch.compile'd step),
-# kernels_bench, kernels_tests, extraction, encode. Each part has its own time limit and writes its
+# Parts: kernels_tests, step (eager training step, kernels off/on, deterministic or not, profiled;
+# the public SR-DiT code when --public names its timing script), kernels_bench, extraction,
+# step_compile (the torch.compile'd step), encode. Each part has its own time limit and writes its
 # log to out_dir as it runs, so a part that breaks or overruns costs only itself. The tables land
 # in out_dir/*.log; benchmarks/RESULTS_GPU.md holds the measured ones with the device named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-gpu_results}"; shift || true
-PUBLIC=() PARTS="step step_compile kernels_bench kernels_tests extraction encode"
+PUBLIC=() PARTS="kernels_tests step kernels_bench extraction step_compile encode"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --public) PUBLIC=(--public "$2"); shift 2 ;;
@@ -34,18 +34,21 @@ part() {  # part <name> <seconds> <command...>
 
 { nvidia-smi; "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"; } > "$OUT_DIR/env.log" 2>&1
 tail -n 1 "$OUT_DIR/env.log"
-# 1. the end-to-end SR-DiT training step: kernels off vs on, deterministic or not (and the public code)
-part step 170 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 5 --profile_steps 3 \
-  --variants torch,triton,torch+nondeterministic,triton+nondeterministic "${PUBLIC[@]}" \
+# 1. the kernel tests, bf16 included, compiled for this GPU (-v: names stream into the log even if
+#    the limit cuts the run short; tests/test_kernels_compile.py is the CPU-only ahead-of-time build)
+part kernels_tests 130 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider -n 8 tests/test_kernels_attention.py \
+  tests/test_kernels_norm.py tests/test_kernels_rope.py
+# 2. the end-to-end SR-DiT training step: kernels off vs on (prologue + SDPA, or the Triton flash
+#    kernel), deterministic or not (and the public code)
+part step 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 5 --profile_steps 3 \
+  --variants torch,triton,triton+flash,triton+nondeterministic "${PUBLIC[@]}" \
   --json "$OUT_DIR/step.json" --out_dir "$OUT_DIR"
-part step_compile 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 --profile_steps 3 \
-  --variants torch+compile,triton+compile --json "$OUT_DIR/step_compile.json" --out_dir "$OUT_DIR"
-# 2. attention and modulated-norm tables against every SDPA backend and the unfused chains
-part kernels_bench 110 "$PY" benchmarks/bench_kernels.py --compile
-# 3. the kernel tests, bf16 included, compiled for this GPU
-part kernels_tests 90 "$PY" -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels_attention.py \
-  tests/test_kernels_norm.py tests/test_kernels_rope.py tests/test_kernels_compile.py
-# 4. evaluation feature extraction (Inception port + DINOv2-L/14, random weights)
-part extraction 60 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
-# 5. INVAE encode for preprocessing
+# 3. attention and modulated-norm tables against every SDPA backend and the unfused chains
+part kernels_bench 80 "$PY" benchmarks/bench_kernels.py --compile
+# 4. evaluation feature extraction (Inception port + DINOv2-L/14 in fp32 and TF32, random weights)
+part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
+# 5. the torch.compile'd step
+part step_compile 100 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
+  --variants torch+compile,triton+compile
+# 6. INVAE encode for preprocessing
 part encode 40 "$PY" benchmarks/bench_encode.py --images 1024 --batch 64

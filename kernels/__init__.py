@@ -3,6 +3,8 @@
     attention(q, k, v, *, rope=None, q_norm_weight=None, k_norm_weight=None, scale=None,
               eps=1e-6, backend='auto')                                  -> [B, H, N, D]
     attention_packed(qkv, heads, *, rope=..., ...)                       -> [B, N, C]
+    qk_norm_rope(q, k, *, rope=None, q_norm_weight=None, k_norm_weight=None, eps=1e-6,
+                 backend='auto')                                         -> (P(q), P(k))
     modulated_rmsnorm(x, shift, scale, weight=None, eps=1e-6, *, out_dtype=None, backend='auto')
     gated_residual_modulated_rmsnorm(x, u, gate, shift, scale, weight=None, eps=1e-6, *, ...)
                                                                          -> (x + gate*u, norm)
@@ -19,7 +21,7 @@ import functools
 import torch
 
 from ._dispatch import BACKENDS, resolve_backend, triton_available, triton_status
-from .flash import attention, attention_packed
+from .flash import attention, attention_packed, qk_norm_rope
 from .adaln import gated_residual_modulated_rmsnorm, modulated_rmsnorm
 from .reference import (apply_rope, attention_reference, attention_torch,
                         gated_residual_modulated_rmsnorm_reference, modulated_rmsnorm_reference,
@@ -29,8 +31,8 @@ __all__ = [
     "BACKENDS", "apply_rope", "attention", "attention_packed", "attention_reference",
     "attention_torch", "gated_residual_modulated_rmsnorm",
     "gated_residual_modulated_rmsnorm_reference", "modulated_rmsnorm",
-    "modulated_rmsnorm_reference", "qk_prologue", "resolve_backend", "rms_norm", "rope_2d_angles",
-    "rope_2d_table", "selfcheck", "triton_available", "triton_status",
+    "modulated_rmsnorm_reference", "qk_norm_rope", "qk_prologue", "resolve_backend", "rms_norm",
+    "rope_2d_angles", "rope_2d_table", "selfcheck", "triton_available", "triton_status",
 ]
 
 
@@ -51,8 +53,10 @@ def _selfcheck(device: str) -> tuple[bool, str]:
         outs = []
         for backend in ("triton", "torch"):
             o = attention(q, k, v, rope=rope, q_norm_weight=w, k_norm_weight=w, backend=backend)
-            grads = torch.autograd.grad(o.float().square().sum(), (q, k, v, w))
-            outs.append([o, *grads])
+            pq, pk = qk_norm_rope(q, k, rope=rope, q_norm_weight=w, k_norm_weight=w, backend=backend)
+            loss = o.float().square().sum() + (pq.float() * pk.float()).sum()
+            grads = torch.autograd.grad(loss, (q, k, v, w))
+            outs.append([o, pq, pk, *grads])
         for a, r in zip(*outs):
             err = (a.float() - r.float()).abs().max().item()
             if not err <= 0.05 * max(1.0, r.float().abs().max().item()):

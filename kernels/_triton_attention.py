@@ -404,6 +404,128 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQW, COS, SIN, QW, KW,
 
 
 # ---------------------------------------------------------------------------------------------
+# Stand-alone prologue: P(q) and P(k) written out, for an attention implementation that has no
+# prologue of its own (PyTorch SDPA's cuDNN/flash backends). One program per (token block,
+# batch * head, q or k); the backward recomputes the prologue from the saved inputs.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_pairs(base, rows, mask, stride_row, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                INTERLEAVED: tl.constexpr):
+    """A [ROWS, D] tile read row-contiguously (vectorised, coalesced), split into the two
+    [ROWS, D/2] members of each rotation pair. The strided column loads of `_load_halves` are
+    fine inside attention, where the matmuls dominate, but made this memory-bound pass ~20x
+    slower than its bandwidth allows."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    cols = tl.arange(0, HEAD_DIM)
+    x = tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    if INTERLEAVED:
+        x1, x2 = tl.split(tl.reshape(x, [ROWS, HALF, 2]))
+    else:
+        x1, x2 = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, HALF]), [0, 2, 1]))
+    return x1, x2
+
+
+@triton.jit
+def _store_pairs(base, rows, mask, stride_row, x1, x2, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
+    """The inverse of `_load_pairs`: one row-contiguous store of the re-interleaved tile."""
+    if INTERLEAVED:
+        x = tl.reshape(tl.join(x1, x2), [ROWS, HEAD_DIM])
+    else:
+        x = tl.reshape(tl.permute(tl.join(x1, x2), [0, 2, 1]), [ROWS, HEAD_DIM])
+    cols = tl.arange(0, HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], x.to(base.dtype.element_ty),
+             mask=mask[:, None])
+
+
+@triton.jit
+def _prologue_tile_fwd(X, Y, W, COS, SIN, offs, ok, stride_xn, stride_yn, stride_cn, eps,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NORM: tl.constexpr,
+                       HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    x1, x2 = _load_pairs(X, offs, ok, stride_xn, BLOCK_N, HEAD_DIM, INTERLEAVED)
+    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HALF, HAS_ROPE)
+    w1, w2 = _load_weight(W, HALF, HAS_NORM, INTERLEAVED)
+    y1, y2 = _prologue(x1, x2, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE, HEAD_DIM)
+    _store_pairs(Y, offs, ok, stride_yn, y1, y2, BLOCK_N, HEAD_DIM, INTERLEAVED)
+
+
+@triton.jit
+def _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N: tl.constexpr):
+    """What program (token block, batch * head, q or k) works on: its token offsets and their
+    mask, batch, head, which tensor (0: q, 1: k), and the RoPE tables of its sample."""
+    bh = tl.program_id(1)
+    b = tl.cast(bh // H, tl.int64)
+    h = tl.cast(bh % H, tl.int64)
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs, offs < N, b, h, tl.program_id(2), COS + b * stride_cb, SIN + b * stride_cb
+
+
+@triton.jit
+def qk_prologue_fwd(Q, K, QO, KO, COS, SIN, QW, KW,
+                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_ob, stride_oh, stride_on, stride_cb, stride_cn, H, N, eps,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
+                    HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    offs, ok, b, h, which, COS, SIN = _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N)
+    out_off = b * stride_ob + h * stride_oh
+    if which == 0:
+        _prologue_tile_fwd(Q + b * stride_qb + h * stride_qh, QO + out_off, QW, COS, SIN, offs, ok,
+                           stride_qn, stride_on, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_QNORM,
+                           HAS_ROPE, INTERLEAVED)
+    else:
+        _prologue_tile_fwd(K + b * stride_kb + h * stride_kh, KO + out_off, KW, COS, SIN, offs, ok,
+                           stride_kn, stride_on, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_KNORM,
+                           HAS_ROPE, INTERLEAVED)
+
+
+@triton.jit
+def _prologue_tile_bwd(X, G, DX, W, DW_ROW, COS, SIN, offs, ok, stride_xn, stride_gn, stride_dn,
+                       stride_cn, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    x1, x2 = _load_pairs(X, offs, ok, stride_xn, BLOCK_N, HEAD_DIM, INTERLEAVED)
+    g1, g2 = _load_pairs(G, offs, ok, stride_gn, BLOCK_N, HEAD_DIM, INTERLEAVED)
+    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HALF, HAS_ROPE)
+    w1, w2 = _load_weight(W, HALF, HAS_NORM, INTERLEAVED)
+    dx1, dx2, dw1, dw2 = _prologue_bwd(g1, g2, x1, x2, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE,
+                                       HEAD_DIM)
+    _store_pairs(DX, offs, ok, stride_dn, dx1, dx2, BLOCK_N, HEAD_DIM, INTERLEAVED)
+    if HAS_NORM:  # masked rows load as zeros and add nothing
+        c1, c2 = _pair_cols(HALF, INTERLEAVED)
+        tl.store(DW_ROW + c1, dw1)
+        tl.store(DW_ROW + c2, dw2)
+
+
+@triton.jit
+def qk_prologue_bwd(Q, K, DQO, DKO, DQ, DK, DQW, DKW, COS, SIN, QW, KW,
+                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_gqb, stride_gqh, stride_gqn, stride_gkb, stride_gkh, stride_gkn,
+                    stride_db, stride_dh, stride_dn, stride_cb, stride_cn, H, N, eps,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
+                    HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dq, dk into [B, H, N, D] buffers; per-program partial sums of the norm weights' gradients
+    into row (bh * num_programs(0) + pid_n) of DQW / DKW."""
+    offs, ok, b, h, which, COS, SIN = _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N)
+    d_off = b * stride_db + h * stride_dh
+    row = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * HEAD_DIM
+    if which == 0:
+        _prologue_tile_bwd(Q + b * stride_qb + h * stride_qh, DQO + b * stride_gqb + h * stride_gqh,
+                           DQ + d_off, QW, DQW + row, COS, SIN, offs, ok, stride_qn, stride_gqn,
+                           stride_dn, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_QNORM, HAS_ROPE,
+                           INTERLEAVED)
+    else:
+        _prologue_tile_bwd(K + b * stride_kb + h * stride_kh, DKO + b * stride_gkb + h * stride_gkh,
+                           DK + d_off, KW, DKW + row, COS, SIN, offs, ok, stride_kn, stride_gkn,
+                           stride_dn, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_KNORM, HAS_ROPE,
+                           INTERLEAVED)
+
+
+PROLOGUE_META = {"BLOCK_N": 64} if INTERPRET else {"BLOCK_N": 64, "num_warps": 4}
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages). Compiled kernels are autotuned
 # over these per (N, head_dim, flags, dtypes); the partial-sum buffers are zeroed between tuning
 # runs because the number of programs (hence the rows they write) depends on the config. With

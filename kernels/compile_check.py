@@ -15,7 +15,7 @@ import itertools
 import sys
 import time
 
-POINTERS_ATTN_DATA = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+POINTERS_ATTN_DATA = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "QO", "KO", "DQO", "DKO")
 POINTERS_FP32 = ("LSE", "COS", "SIN", "QW", "KW", "DELTA", "DKW", "DQW", "RSTD", "PSHIFT",
                  "PSCALE", "PW", "PGATE")
 FLOATS = ("qk_scale", "eps", "sm_scale")
@@ -68,6 +68,9 @@ def cases(level: str):
         yield label, "attn_fwd", dt, dict(flags, BLOCK_M=128, BLOCK_N=64), (4, 3)
         yield label, "attn_bwd_dkdv", dt, dict(flags, BLOCK_M=32, BLOCK_N=64), (4, 2)
         yield label, "attn_bwd_dq", dt, dict(flags, BLOCK_M=64, BLOCK_N=32), (4, 2)
+        pro = {k: v for k, v in flags.items() if k != "DOT_PREC"}
+        yield label, "qk_prologue_fwd", dt, dict(pro, BLOCK_N=64), (4, 1)
+        yield label, "qk_prologue_bwd", dt, dict(pro, BLOCK_N=64), (4, 1)
     yield "bf16 D=64", "attn_bwd_delta", "bf16", dict(HEAD_DIM=64, BLOCK_M=64), (4, 2)
     norm_cases = [("bf16", True, False), ("bf16", False, False)] if level == "smoke" else list(
         itertools.product(["bf16", "fp32"], [False, True], [False, True]))

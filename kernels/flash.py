@@ -184,6 +184,64 @@ class TritonAttentionPacked(torch.autograd.Function):
         return dqkv, None, None, None, dqw, dkw, None, None, None
 
 
+class TritonQKPrologue(torch.autograd.Function):
+    """(P(q), P(k)) with P = RoPE(RMSNorm(.)) (each optional) on [B, H, N, D] tensors, in one
+    launch each way, for an attention implementation without a prologue (SDPA). Outputs are
+    [B, H, N, D] views of [B, N, H, D] memory; only the inputs are saved (P is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
+        q, k = _unit_last(q), _unit_last(k)
+        b, h, n, d = q.shape
+        mod = _kernels(q.device)
+        rope = None if cos is None else (cos, sin)
+        c, s, scb, scn = _rope_args(rope, q)
+        qo, ko = _bhnd_buffer(q), _bhnd_buffer(k)
+        meta = mod.PROLOGUE_META
+        mod.qk_prologue_fwd[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
+            q, k, qo, ko, c, s, q if q_norm_weight is None else q_norm_weight,
+            q if k_norm_weight is None else k_norm_weight,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            qo.stride(0), qo.stride(1), qo.stride(2), scb, scn, h, n, eps,
+            **_prologue_flags(q, rope, q_norm_weight, k_norm_weight, interleaved), **meta)
+        ctx.save_for_backward(q, k, cos, sin, q_norm_weight, k_norm_weight)
+        ctx.eps, ctx.interleaved = eps, interleaved
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        q, k, cos, sin, qw, kw = ctx.saved_tensors
+        b, h, n, d = q.shape
+        mod = _kernels(q.device)
+        rope = None if cos is None else (cos, sin)
+        c, s, scb, scn = _rope_args(rope, q)
+        dqo, dko = _unit_last(dqo), _unit_last(dko)
+        dq, dk = _bhnd_buffer(q), _bhnd_buffer(k)
+        meta = mod.PROLOGUE_META
+        blocks = _cdiv(n, meta["BLOCK_N"])
+        # per-program partial sums of the weight gradients (every row is written)
+        dqw_part = torch.empty(b * h * blocks if qw is not None else 1, d, device=q.device,
+                               dtype=torch.float32)
+        dkw_part = torch.empty(b * h * blocks if kw is not None else 1, d, device=q.device,
+                               dtype=torch.float32)
+        mod.qk_prologue_bwd[(blocks, b * h, 2)](
+            q, k, dqo, dko, dq, dk, dqw_part, dkw_part, c, s, q if qw is None else qw,
+            q if kw is None else kw,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1),
+            dko.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), scb, scn, h, n, ctx.eps,
+            **_prologue_flags(q, rope, qw, kw, ctx.interleaved), **meta)
+        dqw = dqw_part.sum(0).to(qw.dtype) if qw is not None else None
+        dkw = dkw_part.sum(0).to(kw.dtype) if kw is not None else None
+        return dq, dk, None, None, dqw, dkw, None, None
+
+
+def _prologue_flags(q, rope, qw, kw, interleaved: bool) -> dict:
+    flags = _flags(q, rope, qw, kw, interleaved)
+    del flags["DOT_PREC"]  # no matmul in the prologue
+    return flags
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -261,3 +319,26 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
     return TritonAttentionPacked.apply(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale,
                                        eps, rope_interleaved)
 
+
+
+@torch.compiler.disable  # see kernels/README.md, "torch.compile"
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 q_norm_weight: torch.Tensor | None = None,
+                 k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 rope_interleaved: bool = True,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention prologue on its own: (P(q), P(k)), P = RoPE(RMSNorm(.)) with the same
+    conventions as `attention`, for feeding `F.scaled_dot_product_attention` (whose cuDNN and
+    flash backends have no prologue). One kernel forward and one backward for both tensors
+    instead of PyTorch's chain of elementwise ops; the Triton outputs are [B, H, N, D] views of
+    [B, N, H, D] memory, the layout SDPA's fused backends read directly."""
+    if rope is None and q_norm_weight is None and k_norm_weight is None:
+        return q, k
+    problem = unsupported_reason(q, k, k, rope, q_norm_weight, k_norm_weight)
+    if resolve_backend(backend, q.device, problem) == "torch":
+        return (reference.qk_prologue(q, q_norm_weight, rope, eps, rope_interleaved),
+                reference.qk_prologue(k, k_norm_weight, rope, eps, rope_interleaved))
+    cos, sin = (None, None) if rope is None else rope
+    return TritonQKPrologue.apply(q, k, cos, sin, q_norm_weight, k_norm_weight, eps,
+                                  rope_interleaved)

@@ -174,12 +174,16 @@ def test_cfm_negatives_are_the_global_batch_rolled_by_one_for_any_split():
     eps = torch.randn(8, 1, 2, 2)
     targets = eps - torch.from_numpy(_Rows(8).get_latents(indices))
     rolled = torch.roll(targets, shifts=1, dims=0)  # negative of sample i = target of sample i - 1
-    for chunk in (8, 4, 2, 1):
-        parts = [train.load_micro_batch(_Rows(8), indices, slice(a, a + chunk), eps, True)
-                 for a in range(0, 8, chunk)]
-        torch.testing.assert_close(torch.cat([p[2] for p in parts]), rolled)
-        torch.testing.assert_close(torch.cat([p[0] for p in parts]),
-                                   torch.from_numpy(_Rows(8).get_latents(indices)))
+    x0 = torch.from_numpy(_Rows(8).get_latents(indices))
+    for chunk in (8, 4, 2, 1):  # one rank's slice of the global batch: positions [a, a + chunk)
+        loaded = []
+
+        def latent_at(p):  # the trainer reads the one sample before the slice from the dataset
+            loaded.append(p)
+            return torch.from_numpy(_Rows(8).get_latents(indices[p:p + 1]))
+        parts = [train.cfm_negatives(x0[a:a + chunk], eps, a, latent_at) for a in range(0, 8, chunk)]
+        assert torch.equal(torch.cat(parts), rolled)
+        assert loaded == ([] if chunk == 8 else [(a - 1) % 8 for a in range(0, 8, chunk)])
 
 
 def test_loss_terms_signs_and_weights():
@@ -283,15 +287,17 @@ def test_gradient_accumulation_counts_towards_the_global_batch(tmp_path, run_arg
         train.train(train.parse_config(args + ["--run_name", "a3", "--grad_accum", "3"]))
 
 
-def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch):
-    """--kernels triton (the fused QK-norm + RoPE flash attention and, with RMSNorm, the fused
-    modulated norm / gated residual; interpreted on CPU) gives the torch path's outputs and
-    gradients, with value residual, REG token and SPRINT routing on."""
+@pytest.mark.parametrize("flash", [False, True], ids=["prologue+sdpa", "flash"])
+def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch, flash):
+    """--kernels triton (the QK-norm + RoPE kernel feeding SDPA, or the fused flash attention,
+    and, with RMSNorm, the fused modulated norm / gated residual; interpreted on CPU) gives the
+    torch path's outputs and gradients, with value residual, REG token and SPRINT routing on."""
     opts = dict(ALL_ON, reg_dim=64)
     x, t, y, cls_t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10]), torch.randn(2, 64)
     keep = torch.stack([torch.randperm(16)[:4].sort().values for _ in range(2)])
     import kernels
-    calls = {"modulated_rmsnorm": 0, "gated_residual_modulated_rmsnorm": 0, "attention": 0}
+    attention = "attention" if flash else "qk_norm_rope"
+    calls = {"modulated_rmsnorm": 0, "gated_residual_modulated_rmsnorm": 0, attention: 0}
     for name in calls:  # count the fused calls, so a silent fallback to the torch path fails the test
         def counted(*a, _f=getattr(kernels, name), _n=name, **k):
             calls[_n] += 1
@@ -302,15 +308,63 @@ def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch):
         model = digits_model(**opts)
         for p in model.parameters():  # away from the zero init so every path carries signal
             p.data.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
-        assert train.set_kernels(model, backend, torch.device("cpu")) == backend
+        assert train.set_kernels(model, backend, torch.device("cpu"), flash_attention=flash) == backend
         out = model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep))
         (out["v"].pow(2).mean() + out["cls_v"].pow(2).mean()).backward()
         results.append((out["v"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     depth = len(digits_model(**opts).blocks)
-    assert calls == {"modulated_rmsnorm": depth, "gated_residual_modulated_rmsnorm": depth, "attention": depth}
+    assert calls == {"modulated_rmsnorm": depth, "gated_residual_modulated_rmsnorm": depth, attention: depth}
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
     assert train.set_kernels(digits_model(), "auto", torch.device("cpu")) == "torch"
     with pytest.raises(train.ConfigError, match="--kernels must be"):
         train.set_kernels(digits_model(), "cuda", torch.device("cpu"))
+
+
+def test_checkpoint_with_the_old_3d_mask_token_loads(tmp_path):
+    """The SPRINT mask token is 1-D (a [1, 1, D] parameter broke torch.compile's backward on
+    torch 2.11); checkpoints written with the [1, 1, D] layout still load, moments included."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+    model = digits_model(**ALL_ON)
+    assert model.mask_token.shape == (model.blocks[0].attn.qkv.in_features,)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    model(x, t, y, routing=Routing(path_drop=True))["v"].square().mean().backward()
+    opt.step()
+    path = tmp_path / "ckpt.safetensors"
+    train.save_checkpoint(path, model, ema, opt, 1, train.parse_config([]), {})
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata()
+    old_keys = [k for k in tensors if k.endswith(("mask_token", "mask_token.exp_avg", "mask_token.exp_avg_sq"))]
+    assert len(old_keys) == 4  # model, ema and the two Adam moments
+    save_file({k: v.reshape(1, 1, -1) if k in old_keys else v for k, v in tensors.items()}, str(path),
+              metadata=metadata)
+    fresh, fresh_ema = digits_model(**ALL_ON), digits_model(**ALL_ON)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    train.load_checkpoint(path, fresh, fresh_ema, fresh_opt)
+    assert torch.equal(fresh.mask_token, model.mask_token) and torch.equal(fresh_ema.mask_token, ema.mask_token)
+    assert torch.equal(fresh_opt.state[fresh.mask_token]["exp_avg"], opt.state[model.mask_token]["exp_avg"])
+    # a moment that does not fit its parameter is reported with the parameter's name
+    save_file({k: (v[:3] if k == "optim.mask_token.exp_avg" else v) for k, v in tensors.items()}, str(path),
+              metadata=metadata)
+    with pytest.raises(train.CheckpointError, match="mask_token"):
+        train.load_checkpoint(path, fresh, fresh_ema, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+
+
+def test_kernels_auto_leaves_a_compiled_model_to_inductor(monkeypatch):
+    """--kernels auto picks the Triton kernels on a usable GPU, but not for --compile true (the
+    kernels are graph breaks; the compiled torch path measured 2x faster); explicit choices stand."""
+    import kernels
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: (True, "ok"))
+    cuda = torch.device("cuda")
+    assert train.set_kernels(digits_model(), "auto", cuda) == "triton"
+    assert train.set_kernels(digits_model(), "auto", cuda, compiled=True) == "torch"
+    assert train.set_kernels(digits_model(), "triton", cuda, compiled=True) == "triton"
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "no GPU"))
+    assert train.set_kernels(digits_model(), "auto", cuda) == "torch"

@@ -92,8 +92,8 @@ def test_generate_cli_rejects_a_bad_model_file(tmp_path, capsys):
 
 
 def test_generate_cli_kernels_triton_equals_torch(tmp_path, monkeypatch):
-    """--kernels triton (fused attention + modulated norm, interpreted on CPU) samples the same
-    images as --kernels torch from the same exported SR-DiT-style model."""
+    """--kernels triton (the QK-norm/RoPE kernel before SDPA + the modulated norms, interpreted on
+    CPU) samples the same images as --kernels torch from the same exported SR-DiT-style model."""
     import train
     cfg = train.Config(model="SiT-Digits/2", track="digits", norm="rmsnorm", rope=True, qk_norm=True,
                        value_residual=True)
@@ -105,8 +105,8 @@ def test_generate_cli_kernels_triton_equals_torch(tmp_path, monkeypatch):
     train.export_model(tmp_path / "model.safetensors", model, cfg, track)
     import kernels
     fused_calls = []
-    real_attention = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda *a, **k: fused_calls.append(1) or real_attention(*a, **k))
+    real_prologue = kernels.qk_norm_rope
+    monkeypatch.setattr(kernels, "qk_norm_rope", lambda *a, **k: fused_calls.append(1) or real_prologue(*a, **k))
     arrays = {}
     for backend in ("torch", "triton"):
         out = tmp_path / f"{backend}.npz"

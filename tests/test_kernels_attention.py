@@ -206,6 +206,83 @@ def test_attention_output_layout_makes_head_merge_free():
 
 
 # ---------------------------------------------------------------------------------------------
+# the stand-alone prologue (kernels.qk_norm_rope), which feeds PyTorch SDPA in the trainer
+# ---------------------------------------------------------------------------------------------
+def run_prologue(impl: str, dtype: torch.dtype, tensors, tables, **kw):
+    """[P(q), P(k), dq, dk, (dq_w), (dk_w)] of one implementation in one dtype on DEVICE."""
+    q, k, _, qw, kw_ = tensors
+    wdtype = F64 if dtype == F64 else torch.float32
+    args = [q.to(DEVICE, dtype).requires_grad_(), k.to(DEVICE, dtype).requires_grad_()]
+    args += [None if w is None else w.to(DEVICE, wdtype).requires_grad_() for w in (qw, kw_)]
+    rope = None if tables is None else tuple(t.to(DEVICE) for t in tables)
+
+    def fn(q, k, qw, kw_):
+        if impl == "reference":  # the definition, written out here
+            return (R.qk_prologue(q, qw, rope, interleaved=kw.get("rope_interleaved", True)),
+                    R.qk_prologue(k, kw_, rope, interleaved=kw.get("rope_interleaved", True)))
+        return kernels.qk_norm_rope(q, k, rope=rope, q_norm_weight=qw, k_norm_weight=kw_,
+                                    backend=impl, **kw)
+
+    return outputs_and_grads(fn, args)
+
+
+def prologue_names(tensors):
+    return ["P(q)", "P(k)", "dq", "dk"] + [n for n, w in zip(("d q_norm_weight", "d k_norm_weight"),
+                                                             tensors[3:]) if w is not None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["qknorm+rope", "q-norm only", "rope only", "per-sample rope",
+                                     "rope halves"])
+@pytest.mark.parametrize("n", [1, 17, 257])
+def test_qk_norm_rope_matches_fp64(n, variant, dtype):
+    if variant == "per-sample rope":
+        tensors, tables = make_inputs(n, per_sample_rope=True, batch_heads=(3, 1), seed=n)
+    else:
+        tensors, tables = make_inputs(n, norm=variant != "rope only", rope=variant != "q-norm only",
+                                      seed=n)
+    if variant == "q-norm only":
+        tensors = (*tensors[:4], None)
+    kw = {"rope_interleaved": False} if variant == "rope halves" else {}
+    got = run_prologue("triton", dtype, tensors, tables, **kw)
+    ref = run_prologue("reference", F64, tensors, tables, **kw)
+    same = run_prologue("reference", dtype, tensors, tables, **kw)
+    bad = check(got, ref, same, dtype, prologue_names(tensors), weight_rows(tensors[0]))
+    assert not bad, bad
+    # the torch backend of the same function is the reference chain
+    bad = check(run_prologue("torch", dtype, tensors, tables, **kw), ref, same, dtype,
+                prologue_names(tensors))
+    assert not bad, bad
+
+
+def test_qk_norm_rope_then_sdpa_is_attention():
+    """What the trainer runs with --kernels triton: the prologue kernel, then SDPA, equals the
+    fused attention's definition; the outputs have the [B, N, H, D] memory SDPA reads."""
+    tensors, tables = make_inputs(33, seed=4)
+    q, k, v = (t.to(DEVICE, torch.float32) for t in tensors[:3])
+    qw, kw_ = (w.to(DEVICE, torch.float32) for w in tensors[3:])
+    rope = tuple(t.to(DEVICE) for t in tables)
+    pq, pk = kernels.qk_norm_rope(q, k, rope=rope, q_norm_weight=qw, k_norm_weight=kw_,
+                                  backend="triton")
+    assert pq.transpose(1, 2).is_contiguous() and pk.transpose(1, 2).is_contiguous()
+    out = torch.nn.functional.scaled_dot_product_attention(pq, pk, v)
+    ref = R.attention_reference(q, k, v, rope=rope, q_norm_weight=qw, k_norm_weight=kw_)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    # nothing to do: the inputs come back untouched, without a kernel launch
+    assert kernels.qk_norm_rope(q, k, backend="triton") == (q, k)
+
+
+def test_qk_norm_rope_check_rejects_a_missing_norm():
+    """Negative control for the prologue tests: skipping k's norm breaks the rule."""
+    tensors, tables = make_inputs(17, seed=3)
+    dtype = torch.float32
+    ref = run_prologue("reference", F64, tensors, tables)
+    same = run_prologue("reference", dtype, tensors, tables)
+    wrong = run_prologue("triton", dtype, (*tensors[:4], None), tables)
+    assert check(wrong[:4], ref[:4], same[:4], dtype, ["P(q)", "P(k)", "dq", "dk"])
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 def test_resolve_backend(monkeypatch):

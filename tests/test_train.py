@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 import train
-from train import SiT, StepSampler, flow_matching_inputs, parse_config, parse_model_name
+from preprocessing.loader import ShardLoader
+from preprocessing.synthetic import write_synthetic_dataset
+from train import SiT, flow_matching_inputs, parse_config, parse_model_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,16 +82,28 @@ def test_sincos_position_embedding_formula():
 
 
 # ---- data order and loss inputs -----------------------------------------------------------
-def test_step_sampler_epochs_are_permutations_and_resume_safe():
-    sampler = StepSampler(dataset_size=10, global_batch=4, seed=3)
-    stream = np.concatenate([sampler.global_indices(s) for s in range(5)])  # 20 items = 2 epochs
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
-    assert not np.array_equal(stream[:10], stream[10:])
-    fresh = StepSampler(dataset_size=10, global_batch=4, seed=3)  # a resumed run: no history
-    np.testing.assert_array_equal(fresh.global_indices(3), stream[12:16])
-    assert sampler.position(3) == {"epoch": 1, "index_in_epoch": 2}
-    other_seed = np.concatenate([StepSampler(10, 4, 4).global_indices(s) for s in range(5)])
-    assert not np.array_equal(other_seed, stream)
+def test_data_order_epochs_are_permutations_and_resume_safe(tmp_path):
+    """The trainer's data order (preprocessing.loader.ShardLoader, as train.train builds it)."""
+    root = tmp_path / "ds"
+    write_synthetic_dataset(root, 10, resolution=4, latent_shape=(1, 2, 2), num_classes=3, shard_size=4)
+
+    def stream(seed, world_size=1, start_step=0, steps=5):
+        loaders = [ShardLoader(root, "train", 4, seed, rank=r, world_size=world_size, start_step=start_step,
+                               end_step=start_step + steps) for r in range(world_size)]
+        batches = [list(loader) for loader in loaders]  # each loader's prefetch thread ends with its range
+        assert all(b.step == start_step + i for rank in batches for i, b in enumerate(rank))
+        return np.concatenate([np.concatenate([rank[i].indices for rank in batches]) for i in range(steps)])
+    items = stream(seed=3)  # 20 items = 2 epochs
+    assert sorted(items[:10]) == list(range(10)) and sorted(items[10:]) == list(range(10))
+    assert not np.array_equal(items[:10], items[10:])
+    np.testing.assert_array_equal(stream(seed=3, start_step=3, steps=2), items[12:20])  # a resumed run: no history
+    np.testing.assert_array_equal(stream(seed=3, world_size=2), items)  # ranks split each global batch
+    np.testing.assert_array_equal(stream(seed=3, world_size=4), items)
+    loader = ShardLoader(root, "train", 4, 3, start_step=3)
+    assert loader.position(3) == {"epoch": 1, "index_in_epoch": 2}
+    assert loader.state_dict() == {"step": 3, "epoch": 1, "index_in_epoch": 2, "seed": 3, "global_batch": 4,
+                                   "dataset_size": 10}
+    assert not np.array_equal(stream(seed=4), items)
 
 
 def test_noise_prefetch_returns_the_direct_draws_in_any_step_order():
@@ -210,6 +225,7 @@ def _final_tensors(run_dir: Path) -> dict:
 
 
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
+    threads_before = set(threading.enumerate())
     full = train.parse_config(run_args + ["--run_name", "full", "--write_record", "false"])
     summary = train.train(full)
     assert summary["step"] == 6
@@ -231,6 +247,11 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
     assert train.code_from_log(log) == (ROOT / "train.py").read_text() and "resumed from" in log
     meta = train.read_safetensors(train.list_checkpoints(resumed_dir)[-1], train.CHECKPOINT_FORMAT)[1]
     assert json.loads(meta["extra"])["train_seconds"] > 0
+    # the loader's state at step 6 (6 x 16 samples into the 1297 digits) and no prefetch thread left
+    assert json.loads(meta["extra"])["data_position"] == {"step": 6, "epoch": 0, "index_in_epoch": 96,
+                                                          "seed": full.seed, "global_batch": 16,
+                                                          "dataset_size": 1297}
+    assert not [t for t in set(threading.enumerate()) - threads_before if t.name == "ShardLoader"]
 
 
 def test_resume_refuses_a_different_budget(tmp_path, run_args):
@@ -239,6 +260,18 @@ def test_resume_refuses_a_different_budget(tmp_path, run_args):
     with pytest.raises(ValueError, match="global_batch"):
         train.train(train.parse_config(run_args + ["--run_name", "r2", "--resume", str(ck),
                                                     "--global_batch", "8", "--write_record", "false"]))
+    # a checkpoint whose data position belongs to another dataset is refused too
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(ck), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    extra = json.loads(meta["extra"])
+    extra["data_position"]["dataset_size"] = 1000
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(foreign), metadata=meta | {"extra": json.dumps(extra)})
+    with pytest.raises(train.ConfigError, match="dataset_size=1000"):
+        train.train(train.parse_config(run_args + ["--run_name", "r3", "--resume", str(foreign),
+                                                    "--write_record", "false"]))
 
 
 def test_run_log_starts_with_source_and_environment(tmp_path, run_args):
@@ -255,6 +288,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
                                                                          capsys):
     real = train.flow_matching_inputs
     calls = {"n": 0}
+    threads_before = set(threading.enumerate())
 
     def poisoned(*args):
         calls["n"] += 1
@@ -269,6 +303,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     run_dir = tmp_path / "runs" / "nan"
     assert [p.name for p in train.list_checkpoints(run_dir)] == ["step_00000003.safetensors"]
     assert not (run_dir / "model.safetensors").exists() and not (tmp_path / "records").exists()
+    assert not [t for t in set(threading.enumerate()) - threads_before if t.name == "ShardLoader"]  # on errors too
 
 
 @pytest.mark.slow
