@@ -21,7 +21,6 @@ or timm's ``model.safetensors`` of ``vit_large_patch14_dinov2.lvd142m`` (see
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import math
 import os
@@ -164,19 +163,6 @@ def load_dinov2(path: PathLike, expected_sha256=None, device: Union[str, torch.d
 PRECISIONS = ("fp32", "tf32")
 
 
-@contextlib.contextmanager
-def tf32_matmuls():
-    """TF32 tensor-core matmuls and convolutions inside (an opt-in speed-up on GPUs, not what
-    dgm-eval computes: see evaluations/README.md, KDD); settings restored after."""
-    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
 @torch.no_grad()
 def dinov2_features(model, images: np.ndarray, device: Optional[torch.device] = None,
                     precision: str = "fp32") -> torch.Tensor:
@@ -186,5 +172,5 @@ def dinov2_features(model, images: np.ndarray, device: Optional[torch.device] = 
         raise ValueError(f"DINOv2 precision must be one of {PRECISIONS}, got {precision!r}")
     device = device or next(model.parameters()).device
     x = preprocess(images).to(device, non_blocking=True)
-    with exact_float32() if precision == "fp32" else tf32_matmuls():
+    with exact_float32(tf32=precision == "tf32"):
         return model(x).float()

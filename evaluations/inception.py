@@ -409,14 +409,14 @@ class InceptionADM(nn.Module):
 
 
 @contextlib.contextmanager
-def exact_float32():
-    """Plain float32 inside: no TF32 matmuls/convolutions on GPU, no autocast; settings restored after.
+def exact_float32(tf32: bool = False):
+    """Plain float32 inside: no TF32 matmuls/convolutions on GPU (unless ``tf32=True``, an
+    explicit opt-in such as KDD's ``precision: tf32``), no autocast; settings restored after.
 
     (train.py turns TF32 on for training; metric networks must not inherit it.)
     """
     previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
     try:
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             yield

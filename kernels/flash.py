@@ -320,7 +320,6 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
                                        eps, rope_interleaved)
 
 
-
 @torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
                  rope: tuple[torch.Tensor, torch.Tensor] | None = None,
