@@ -57,3 +57,26 @@ def run_args(tmp_path, tiny_track) -> list[str]:
     """train.py flags that keep every output inside tmp_path."""
     return ["--track", str(tiny_track), "--runs_dir", str(tmp_path / "runs"),
             "--records_dir", str(tmp_path / "records"), "--leaderboard", str(tmp_path / "LEADERBOARD.md")]
+
+
+def random_inception(divisor: int = 8, seed: int = 0, num_logits: int = 1008, logits_scale: float | None = None):
+    """A width-reduced ADM Inception port with random weights (BN statistics that keep activations
+    O(1)); the logits weight has std logits_scale (default 1/sqrt(pool width))."""
+    import math
+
+    import torch
+
+    from evaluations import inception as I
+    gen = torch.Generator().manual_seed(seed)
+    channels = {name: max(math.ceil(c / divisor), 1) for name, c in I.FULL_CHANNELS.items()}
+    model = I.InceptionADM(channels, num_logits=num_logits)
+    for unit in model.units.values():
+        w = unit.weight
+        w.copy_(torch.randn(w.shape, generator=gen) * math.sqrt(2.0 / w[0].numel()))
+        unit.moving_mean.copy_(torch.randn(w.shape[0], generator=gen) * 0.2)
+        unit.moving_variance.copy_(torch.rand(w.shape[0], generator=gen) + 0.5)
+        unit.beta.copy_(torch.randn(w.shape[0], generator=gen) * 0.2)
+        unit.gamma.fill_(1.0)
+    scale = 1 / math.sqrt(model.pool_dim) if logits_scale is None else logits_scale
+    model.logits_weight.copy_(torch.randn(model.logits_weight.shape, generator=gen) * scale)
+    return model

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_inception
 from evaluations import inception as I
 from evaluations.features import get_feature_extractor
 from evaluations.weights import WeightsFileError
@@ -136,24 +137,8 @@ def test_every_conv_unit_matches_torchvision_inception_v3():
     assert model.pool_dim == 2048 and tuple(model.logits_weight.shape) == (2048, 1008)
 
 
-def _random_model(divisor=8, seed=0, num_logits=1008):
-    """A width-reduced port with random weights (BN statistics that keep activations O(1))."""
-    gen = torch.Generator().manual_seed(seed)
-    channels = {name: max(math.ceil(c / divisor), 1) for name, c in I.FULL_CHANNELS.items()}
-    model = I.InceptionADM(channels, num_logits=num_logits)
-    for unit in model.units.values():
-        w = unit.weight
-        w.copy_(torch.randn(w.shape, generator=gen) * math.sqrt(2.0 / w[0].numel()))
-        unit.moving_mean.copy_(torch.randn(w.shape[0], generator=gen) * 0.2)
-        unit.moving_variance.copy_(torch.rand(w.shape[0], generator=gen) + 0.5)
-        unit.beta.copy_(torch.randn(w.shape[0], generator=gen) * 0.2)
-        unit.gamma.fill_(1.0)
-    model.logits_weight.copy_(torch.randn(model.logits_weight.shape, generator=gen) / math.sqrt(model.pool_dim))
-    return model
-
-
 def test_outputs_shapes_head_and_sfid_flatten_order():
-    model = _random_model(divisor=16)
+    model = random_inception(divisor=16)
     images = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
     out, nodes = model.forward_with_nodes(images, ["mixed_6/conv", "mixed_10/join"])
     out.update(nodes)
@@ -181,7 +166,7 @@ def test_outputs_shapes_head_and_sfid_flatten_order():
 
 
 def test_preprocessing_is_resize_then_minus_128_over_128():
-    model = _random_model(divisor=16)
+    model = random_inception(divisor=16)
     img = np.random.default_rng(1).integers(0, 256, (1, 20, 30, 3), dtype=np.uint8)
     x = model.preprocess(img)
     ref = (tf1_resize_reference(img.astype(np.float64), 299, 299) - 128.0) / 128.0
@@ -196,7 +181,7 @@ def _save_converted_like(model, path, source_sha="ab" * 32):
 
 def test_converted_file_roundtrip_and_sha256(tmp_path, monkeypatch):
     from evaluations.weights import sha256_file
-    model = _random_model(divisor=16, seed=3)
+    model = random_inception(divisor=16, seed=3)
     path = tmp_path / "inception_adm.safetensors"
     _save_converted_like(model, path)
     digest = sha256_file(path)
@@ -242,7 +227,7 @@ def test_missing_or_wrong_weights_files_say_what_and_where(tmp_path, monkeypatch
 
 
 def test_feature_extractor_interface():
-    model = _random_model(divisor=16)
+    model = random_inception(divisor=16)
     ext = get_feature_extractor("inception_adm", model=model, device="cpu")
     images = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     feats = ext.extract(images, batch_size=2)  # batches of 2 and 1

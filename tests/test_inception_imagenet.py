@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
-import torch
 
+from conftest import random_inception
 from evaluations import imagenet as IN
 from evaluations import metrics as M
 from evaluations.features import FeatureExtractor
@@ -57,21 +57,6 @@ class ProjectionExtractor(FeatureExtractor):
 
 def _images(n, res=16, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
-
-
-def _reduced_inception(divisor=16, seed=0):
-    from evaluations import inception as I
-    gen = torch.Generator().manual_seed(seed)
-    model = I.InceptionADM({k: max(math.ceil(c / divisor), 1) for k, c in I.FULL_CHANNELS.items()})
-    for unit in model.units.values():
-        w = unit.weight
-        w.copy_(torch.randn(w.shape, generator=gen) * math.sqrt(2.0 / w[0].numel()))
-        unit.moving_mean.copy_(torch.randn(w.shape[0], generator=gen) * 0.2)
-        unit.moving_variance.copy_(torch.rand(w.shape[0], generator=gen) + 0.5)
-        unit.beta.copy_(torch.randn(w.shape[0], generator=gen) * 0.2)
-        unit.gamma.fill_(1.0)
-    model.logits_weight.copy_(torch.randn(model.logits_weight.shape, generator=gen) * 0.3)
-    return model
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +195,7 @@ def test_statistics_do_not_depend_on_batch_size_or_process_count():
 
 
 def test_real_network_features_are_batch_size_independent_to_float32_precision():
-    model = _reduced_inception()
+    model = random_inception(divisor=16, logits_scale=0.3)
     from evaluations.features import get_feature_extractor
     ext = get_feature_extractor("inception_adm", model=model, device="cpu")
     images = _images(4, res=24, seed=5)
@@ -386,7 +371,7 @@ def test_cli_scores_an_imagenet_track_and_rejects_bad_input(tmp_path, capsys):
     from evaluations import evaluate
     from evaluations import inception as I
     from evaluations.weights import sha256_file
-    model = _reduced_inception()
+    model = random_inception(divisor=16, logits_scale=0.3)
     weights = tmp_path / "inception_adm.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
               metadata={"format": I.FORMAT, "source_sha256": "cd" * 32})
