@@ -19,6 +19,11 @@ GB/s counts compulsory HBM bytes: each input read once, each output written once
 forward q, k, v -> o; backward q, k, v, o, dO -> dq, dk, dv; the norm x -> y, backward x, dy ->
 dx; small per-sample vectors and the logsumexp ignored). `err` is the max abs difference of the
 output from a float64 evaluation of the same maths.
+
+Timing. "ms" columns: one call between CUDA events, host work included (what an eager training
+step pays; our kernels are launched from Python, SDPA from C++). "graphed" columns: 20 calls
+captured in one CUDA graph and replayed, which removes host work for everyone alike: the
+kernel-against-kernel comparison. CPU runs time the interpreter and mean nothing.
 """
 from __future__ import annotations
 
@@ -62,6 +67,44 @@ def measure_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_graphed_ms(fn: Callable[[], object], device: torch.device, calls: int = 20,
+                       replays: int = 10) -> float | None:
+    """Device-bound time of fn() in milliseconds: `calls` calls captured in one CUDA graph, the
+    median replay divided by `calls`. Replaying removes host work (Python, argument handling,
+    autograd bookkeeping, launch latency) for every implementation alike, so this compares the
+    kernels; measure_ms is what an eager caller pays. None off CUDA or when fn cannot be
+    captured (a backend that synchronises, for example). fn must have run before (warm-up,
+    autotuning)."""
+    if device.type != "cuda":
+        return None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # allocations on the capture stream before capture
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except Exception:
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
     times.sort()
     return times[len(times) // 2]
 
@@ -176,16 +219,23 @@ def bench_attention(args, device) -> None:
             def fwd_bwd():
                 torch.autograd.grad(fn(*leaves), leaves, do_packed if packed else do)
             t_fb = measure_ms(fwd_bwd, device, args.reps, args.warmup)
+            g_f = measure_graphed_ms(lambda: fn(*inputs), device)
+            g_fb = measure_graphed_ms(fwd_bwd, device)
         except Exception as e:  # a backend that does not support this shape/dtype/GPU
-            rows.append([name, "n/a", "", "", "n/a", "", "",
+            rows.append([name, "n/a", "", "", "n/a", "", "", "n/a", "", "n/a", "", "",
                          f"unsupported: {type(e).__name__}: {str(e)[:60]}"])
             continue
         rows.append([name, fmt(t_f, 3), fmt(flops_fwd / t_f / 1e9), fmt(bytes_fwd / t_f / 1e6, 0),
                      fmt(t_fb, 3), fmt(3.5 * flops_fwd / t_fb / 1e9),
-                     fmt(bytes_fwdbwd / t_fb / 1e6, 0), f"{err:.2e}"])
+                     fmt(bytes_fwdbwd / t_fb / 1e6, 0),
+                     fmt(g_f, 3), fmt(g_f and flops_fwd / g_f / 1e9),
+                     fmt(g_fb, 3), fmt(g_fb and 3.5 * flops_fwd / g_fb / 1e9),
+                     fmt(g_fb and bytes_fwdbwd / g_fb / 1e6, 0), f"{err:.2e}"])
     print_table(f"attention B={b} H={h} N={n} D={d} {args.dtype} on {device_name(device)}",
                 ["implementation", "fwd ms", "fwd TFLOP/s", "fwd GB/s", "fwd+bwd ms",
-                 "fwd+bwd TFLOP/s", "fwd+bwd GB/s", "err vs fp64"], rows)
+                 "fwd+bwd TFLOP/s", "fwd+bwd GB/s", "graphed fwd ms", "graphed fwd TFLOP/s",
+                 "graphed fwd+bwd ms", "graphed fwd+bwd TFLOP/s", "graphed fwd+bwd GB/s",
+                 "err vs fp64"], rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def _prologue_bwd(g1, g2, x1, x2, w1, w2, c, s, eps, HAS_NORM: tl.constexpr,
     return g1, g2, dw1, dw2
 
 
+
 @triton.jit
 def _pair_cols(HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Columns of the two members of each rotation pair: (2j, 2j+1) or (j, j + D/2)."""
@@ -83,14 +84,75 @@ def _pair_cols(HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _load_halves(base, rows, mask, stride_row, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    c1, c2 = _pair_cols(HALF, INTERLEAVED)
-    ptr = base + rows[:, None] * stride_row
-    x1 = tl.load(ptr + c1[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + c2[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+def _load_tile(base, rows, mask, stride_row, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """A [rows, D] tile in its storage dtype, one row-contiguous (vectorised) load; rows past the
+    end read as zeros when MASKED (full tiles skip the mask so the loads can be pipelined)."""
+    cols = tl.arange(0, HEAD_DIM)
+    ptr = base + rows[:, None] * stride_row + cols[None, :]
+    if MASKED:
+        x = tl.load(ptr, mask=mask[:, None], other=0.0)
+    else:
+        x = tl.load(ptr)
+    return x
+
+
+@triton.jit
+def _store_tile(base, rows, mask, stride_row, x, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    cols = tl.arange(0, HEAD_DIM)
+    ptr = base + rows[:, None] * stride_row + cols[None, :]
+    if MASKED:
+        tl.store(ptr, x.to(base.dtype.element_ty), mask=mask[:, None])
+    else:
+        tl.store(ptr, x.to(base.dtype.element_ty))
+
+
+@triton.jit
+def _split_pairs(x, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """[ROWS, D] -> the two [ROWS, D/2] members of each rotation pair, in registers."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if INTERLEAVED:
+        x1, x2 = tl.split(tl.reshape(x, [ROWS, HALF, 2]))
+    else:
+        x1, x2 = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, HALF]), [0, 2, 1]))
     return x1, x2
 
 
+@triton.jit
+def _join_pairs(x1, x2, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The inverse of `_split_pairs`."""
+    if INTERLEAVED:
+        x = tl.reshape(tl.join(x1, x2), [ROWS, HEAD_DIM])
+    else:
+        x = tl.reshape(tl.permute(tl.join(x1, x2), [0, 2, 1]), [ROWS, HEAD_DIM])
+    return x
+
+
+@triton.jit
+def _prologue_tile(x, w1, w2, c, s, eps, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """P(x) of a [ROWS, D] tile, in fp32; x itself (storage dtype) when there is no prologue."""
+    if HAS_NORM or HAS_ROPE:
+        x1, x2 = _split_pairs(x.to(tl.float32), ROWS, HEAD_DIM, INTERLEAVED)
+        x1, x2 = _prologue(x1, x2, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE, HEAD_DIM)
+        x = _join_pairs(x1, x2, ROWS, HEAD_DIM, INTERLEAVED)
+    return x
+
+
+@triton.jit
+def _prologue_tile_grad(g, x, w1, w2, c, s, eps, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                        ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dL/dx of a [ROWS, D] tile from g = dL/dP(x) (fp32), and the tile's dL/dw halves."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if HAS_NORM or HAS_ROPE:
+        g1, g2 = _split_pairs(g, ROWS, HEAD_DIM, INTERLEAVED)
+        x1, x2 = _split_pairs(x.to(tl.float32), ROWS, HEAD_DIM, INTERLEAVED)
+        g1, g2, dw1, dw2 = _prologue_bwd(g1, g2, x1, x2, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE,
+                                         HEAD_DIM)
+        g = _join_pairs(g1, g2, ROWS, HEAD_DIM, INTERLEAVED)
+    else:
+        dw1 = tl.full([HALF], 0.0, dtype=tl.float32)
+        dw2 = tl.full([HALF], 0.0, dtype=tl.float32)
+    return g, dw1, dw2
 @triton.jit
 def _load_rot(COS, SIN, rows, mask, stride_cn, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """cos/sin rows for the given tokens ([rows, HALF] fp32); placeholders without RoPE."""
@@ -117,34 +179,85 @@ def _load_weight(W, HALF: tl.constexpr, HAS_NORM: tl.constexpr, INTERLEAVED: tl.
     return w1, w2
 
 
-# ---------------------------------------------------------------------------------------------
-# Forward
-# ---------------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q1, q2, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn, stride_vn,
-              stride_cn, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_N: tl.constexpr,
+def _store_weight_grad(DW, row, dw1, dw2, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """One row of per-program partial sums of a norm weight's gradient (the host adds the rows)."""
+    c1, c2 = _pair_cols(HEAD_DIM // 2, INTERLEAVED)
+    base = DW + tl.cast(row, tl.int64) * HEAD_DIM
+    tl.store(base + c1, dw1)
+    tl.store(base + c2, dw2)
+
+
+@triton.jit
+def _load_qk_tile(X, W_1, W_2, COS, SIN, offs, ok, stride_xn, stride_cn, eps,
+                  HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """P(x) for a tile of q or k rows, in the storage dtype (the tl.dot operand)."""
+    x = _load_tile(X, offs, ok, stride_xn, HEAD_DIM, MASKED)
+    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
+    return _prologue_tile(x, W_1, W_2, c, s, eps, HAS_NORM, HAS_ROPE, ROWS, HEAD_DIM,
+                          INTERLEAVED).to(X.dtype.element_ty)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward. Each program owns BLOCK_M query rows and loops over the keys: full BLOCK_N tiles
+# without masks, then the ragged end in TAIL-wide steps (N = 257 = 4 x 64 + 1 would otherwise
+# spend a fifth of every program on one key). A program whose query block runs past N works in
+# TAIL-row steps for the same reason. Logits are scaled in fp32 after the dot (base 2).
+# ---------------------------------------------------------------------------------------------
+TAIL = tl.constexpr(16)  # the smallest tl.dot dimension
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn, stride_vn,
+              stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr, COLS: tl.constexpr,
+              MASKED: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
               DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
-    k1, k2 = _load_halves(K, offs_n, n_ok, stride_kn, HALF, INTERLEAVED)
-    c, s = _load_rot(COS, SIN, offs_n, n_ok, stride_cn, HALF, HAS_ROPE)
-    k1, k2 = _prologue(k1, k2, kw1, kw2, c, s, eps, HAS_KNORM, HAS_ROPE, HEAD_DIM)
-    k1 = k1.to(q1.dtype)
-    k2 = k2.to(q1.dtype)
-    qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    qk += tl.dot(q2, tl.trans(k2), input_precision=DOT_PREC)
-    if MASK_N:
+    k = _load_qk_tile(K, kw1, kw2, COS, SIN, offs_n, n_ok, stride_kn, stride_cn, eps, HEAD_DIM,
+                      COLS, MASKED, HAS_KNORM, HAS_ROPE, INTERLEAVED)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, _max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + _sum(p, 1)
-    cols = tl.arange(0, HEAD_DIM)
-    v = tl.load(V + offs_n[:, None] * stride_vn + cols[None, :], mask=n_ok[:, None], other=0.0)
+    v = _load_tile(V, offs_n, n_ok, stride_vn, HEAD_DIM, MASKED)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_rows(Q, K, V, O, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N, stride_qn, stride_kn,
+              stride_vn, stride_on, stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
+              HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+              DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+    offs_m = start_m + tl.arange(0, ROWS)
+    m_ok = offs_m < N
+    q = _load_qk_tile(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn, stride_cn, eps, HEAD_DIM,
+                      ROWS, MASK_M, HAS_QNORM, HAS_ROPE, INTERLEAVED)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
+    acc = tl.full([ROWS, HEAD_DIM], 0.0, dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, COS, SIN, kw1, kw2, start_n, N,
+                                  stride_kn, stride_vn, stride_cn, qk_scale, eps, HEAD_DIM,
+                                  BLOCK_N, False, HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+    for start_n in range(n_full, N, TAIL):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, COS, SIN, kw1, kw2, start_n, N,
+                                  stride_kn, stride_vn, stride_cn, qk_scale, eps, HEAD_DIM,
+                                  TAIL, True, HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+    _store_tile(O, offs_m, m_ok, stride_on, acc / l_i[:, None], HEAD_DIM, MASK_M)
+    if MASK_M:
+        tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    else:
+        tl.store(LSE + offs_m, m_i + tl.log2(l_i))
 
 
 @triton.jit
@@ -164,243 +277,223 @@ def attn_fwd(Q, K, V, O, LSE, COS, SIN, QW, KW,
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     O += b * stride_ob + h * stride_oh
+    LSE += tl.cast(bh, tl.int64) * N
     COS += b * stride_cb
     SIN += b * stride_cb
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N
-    q1, q2 = _load_halves(Q, offs_m, m_ok, stride_qn, HALF, INTERLEAVED)
-    c, s = _load_rot(COS, SIN, offs_m, m_ok, stride_cn, HALF, HAS_ROPE)
     qw1, qw2 = _load_weight(QW, HALF, HAS_QNORM, INTERLEAVED)
-    q1, q2 = _prologue(q1, q2, qw1, qw2, c, s, eps, HAS_QNORM, HAS_ROPE, HEAD_DIM)
-    q1 = (q1 * qk_scale).to(Q.dtype.element_ty)
-    q2 = (q2 * qk_scale).to(Q.dtype.element_ty)
     kw1, kw2 = _load_weight(KW, HALF, HAS_KNORM, INTERLEAVED)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
-    n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q1, q2, K, V, COS, SIN, kw1, kw2, start_n, N,
-                                  stride_kn, stride_vn, stride_cn, eps, HEAD_DIM, BLOCK_N,
-                                  HAS_KNORM, HAS_ROPE, False, DOT_PREC, INTERLEAVED)
-    if n_full < N:
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q1, q2, K, V, COS, SIN, kw1, kw2, n_full, N,
-                                  stride_kn, stride_vn, stride_cn, eps, HEAD_DIM, BLOCK_N,
-                                  HAS_KNORM, HAS_ROPE, True, DOT_PREC, INTERLEAVED)
-    acc = acc / l_i[:, None]
-    cols = tl.arange(0, HEAD_DIM)
-    tl.store(O + offs_m[:, None] * stride_on + cols[None, :], acc.to(O.dtype.element_ty),
-             mask=m_ok[:, None])
-    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    start_m = pid_m * BLOCK_M
+    if start_m + BLOCK_M <= N:
+        _fwd_rows(Q, K, V, O, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N, stride_qn, stride_kn,
+                  stride_vn, stride_on, stride_cn, qk_scale, eps, HEAD_DIM, BLOCK_M, BLOCK_N,
+                  False, HAS_QNORM, HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+    else:
+        for start in range(start_m, N, TAIL):
+            _fwd_rows(Q, K, V, O, LSE, COS, SIN, qw1, qw2, kw1, kw2, start, N, stride_qn,
+                      stride_kn, stride_vn, stride_on, stride_cn, qk_scale, eps, HEAD_DIM, TAIL,
+                      BLOCK_N, True, HAS_QNORM, HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: delta = rowsum(dO * O); dK/dV kernel (one program per key block, loops over queries);
-# dQ kernel (one program per query block, loops over keys). P is recomputed from the saved LSE and
-# the prologue is recomputed from the raw q/k; its chain rule runs in each kernel's epilogue.
+# Backward: one launch. Programs [0, cdiv(N, BLOCK_N1)) each own BLOCK_N1 keys and accumulate
+# dK, dV over the queries (BLOCK_M1 per step); the programs after them each own BLOCK_M2 queries
+# and accumulate dQ over the keys (BLOCK_N2 per step). P is recomputed from the saved LSE,
+# delta = rowsum(dO * O) from the O and dO tiles at hand (no separate pass), and the prologue
+# from the raw q/k, whose chain rule runs in each program's epilogue. Ragged ends are handled in
+# TAIL-sized steps as in the forward. No atomics: the result does not depend on scheduling.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
-                   H, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = tl.cast(bh // H, tl.int64)
-    h = tl.cast(bh % H, tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N, stride_qn, stride_on,
+               stride_don, stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+               MASKED: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+               DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+    offs_m = start_m + tl.arange(0, ROWS)
     m_ok = offs_m < N
-    cols = tl.arange(0, HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + cols[None, :],
-                mask=m_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + cols[None, :],
-                 mask=m_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * N + offs_m, _sum(o * do, 1), mask=m_ok)
-
-
-@triton.jit
-def _dkdv_step(dk1, dk2, dv, k1, k2, v, Q, DO, LSE, DELTA, COS, SIN, qw1, qw2, start_m, N,
-               stride_qn, stride_don, stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr,
-               BLOCK_M: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-               MASK_M: tl.constexpr, DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N
-    q1, q2 = _load_halves(Q, offs_m, m_ok, stride_qn, HALF, INTERLEAVED)
-    c, s = _load_rot(COS, SIN, offs_m, m_ok, stride_cn, HALF, HAS_ROPE)
-    q1, q2 = _prologue(q1, q2, qw1, qw2, c, s, eps, HAS_QNORM, HAS_ROPE, HEAD_DIM)
-    q1 = (q1 * qk_scale).to(k1.dtype)
-    q2 = (q2 * qk_scale).to(k1.dtype)
-    cols = tl.arange(0, HEAD_DIM)
-    do = tl.load(DO + offs_m[:, None] * stride_don + cols[None, :], mask=m_ok[:, None], other=0.0)
-    lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-    st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
-    st += tl.dot(k2, tl.trans(q2), input_precision=DOT_PREC)
+    q = _load_qk_tile(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn, stride_cn, eps, HEAD_DIM,
+                      ROWS, MASKED, HAS_QNORM, HAS_ROPE, INTERLEAVED)
+    do = _load_tile(DO, offs_m, m_ok, stride_don, HEAD_DIM, MASKED)
+    o = _load_tile(O, offs_m, m_ok, stride_on, HEAD_DIM, MASKED)
+    if MASKED:
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + offs_m)
+    delta = _sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     pt = tl.exp2(st - lse[None, :])
-    if MASK_M:
+    if MASKED:
         pt = tl.where(m_ok[None, :], pt, 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = (pt * (dpt - delta[None, :])).to(k1.dtype)
-    dk1 += tl.dot(dst, q1, input_precision=DOT_PREC)
-    dk2 += tl.dot(dst, q2, input_precision=DOT_PREC)
-    return dk1, dk2, dv
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dst, q, input_precision=DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DKW, COS, SIN, QW, KW,
-                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                  stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                  stride_cb, stride_cn, H, N, qk_scale, eps,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-                  DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = tl.cast(bh // H, tl.int64)
-    h = tl.cast(bh % H, tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    DK += b * stride_dkb + h * stride_dkh
-    DV += b * stride_dvb + h * stride_dvh
-    COS += b * stride_cb
-    SIN += b * stride_cb
-    LSE += bh * N
-    DELTA += bh * N
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_n, N, stride_qn,
+               stride_kn, stride_vn, stride_on, stride_don, stride_dkn, stride_dvn, stride_cn,
+               qk_scale, sm_scale, eps, HEAD_DIM: tl.constexpr, COLS: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
+               HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+               INTERLEAVED: tl.constexpr):
+    """dK, dV of COLS keys from start_n; returns this tile's dL/d k_norm_weight halves."""
+    offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
-    kx1, kx2 = _load_halves(K, offs_n, n_ok, stride_kn, HALF, INTERLEAVED)
-    kc, ks = _load_rot(COS, SIN, offs_n, n_ok, stride_cn, HALF, HAS_ROPE)
-    kw1, kw2 = _load_weight(KW, HALF, HAS_KNORM, INTERLEAVED)
-    k1, k2 = _prologue(kx1, kx2, kw1, kw2, kc, ks, eps, HAS_KNORM, HAS_ROPE, HEAD_DIM)
-    k1 = k1.to(K.dtype.element_ty)
-    k2 = k2.to(K.dtype.element_ty)
-    cols = tl.arange(0, HEAD_DIM)
-    v = tl.load(V + offs_n[:, None] * stride_vn + cols[None, :], mask=n_ok[:, None], other=0.0)
-    qw1, qw2 = _load_weight(QW, HALF, HAS_QNORM, INTERLEAVED)
-
-    dk1 = tl.full([BLOCK_N, HALF], 0.0, dtype=tl.float32)
-    dk2 = tl.full([BLOCK_N, HALF], 0.0, dtype=tl.float32)
-    dv = tl.full([BLOCK_N, HEAD_DIM], 0.0, dtype=tl.float32)
+    kx = _load_tile(K, offs_n, n_ok, stride_kn, HEAD_DIM, MASK_N)
+    kc, ks = _load_rot(COS, SIN, offs_n, n_ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
+    k = _prologue_tile(kx, kw1, kw2, kc, ks, eps, HAS_KNORM, HAS_ROPE, COLS, HEAD_DIM,
+                       INTERLEAVED).to(K.dtype.element_ty)
+    v = _load_tile(V, offs_n, n_ok, stride_vn, HEAD_DIM, MASK_N)
+    dk = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
+    dv = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk1, dk2, dv = _dkdv_step(dk1, dk2, dv, k1, k2, v, Q, DO, LSE, DELTA, COS, SIN, qw1, qw2,
-                                  start_m, N, stride_qn, stride_don, stride_cn, qk_scale, eps,
-                                  HEAD_DIM, BLOCK_M, HAS_QNORM, HAS_ROPE, False, DOT_PREC,
-                                  INTERLEAVED)
-    if m_full < N:
-        dk1, dk2, dv = _dkdv_step(dk1, dk2, dv, k1, k2, v, Q, DO, LSE, DELTA, COS, SIN, qw1, qw2,
-                                  m_full, N, stride_qn, stride_don, stride_cn, qk_scale, eps,
-                                  HEAD_DIM, BLOCK_M, HAS_QNORM, HAS_ROPE, True, DOT_PREC,
-                                  INTERLEAVED)
-    tl.store(DV + offs_n[:, None] * stride_dvn + cols[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None])
-    # q was scaled by qk_scale = scale * log2(e); the logits' gradient needs scale only
-    dk1 = dk1 * (1.0 / LOG2E)
-    dk2 = dk2 * (1.0 / LOG2E)
-    dk1, dk2, dw1, dw2 = _prologue_bwd(dk1, dk2, kx1, kx2, kw1, kw2, kc, ks, eps, HAS_KNORM,
-                                       HAS_ROPE, HEAD_DIM)
-    c1, c2 = _pair_cols(HALF, INTERLEAVED)
-    dk_ptr = DK + offs_n[:, None] * stride_dkn
-    tl.store(dk_ptr + c1[None, :], dk1.to(DK.dtype.element_ty), mask=n_ok[:, None])
-    tl.store(dk_ptr + c2[None, :], dk2.to(DK.dtype.element_ty), mask=n_ok[:, None])
-    if HAS_KNORM:  # one row of per-program partial sums; the host adds the rows
-        row = DKW + (bh * tl.num_programs(0) + pid_n) * HEAD_DIM
-        tl.store(row + c1, dw1)
-        tl.store(row + c2, dw2)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N,
+                            stride_qn, stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM,
+                            BLOCK_M, False, HAS_QNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+    for start_m in range(m_full, N, TAIL):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N,
+                            stride_qn, stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM,
+                            TAIL, True, HAS_QNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+    _store_tile(DV, offs_n, n_ok, stride_dvn, dv, HEAD_DIM, MASK_N)
+    dk, dw1, dw2 = _prologue_tile_grad(dk * sm_scale, kx, kw1, kw2, kc, ks, eps, HAS_KNORM,
+                                       HAS_ROPE, COLS, HEAD_DIM, INTERLEAVED)
+    _store_tile(DK, offs_n, n_ok, stride_dkn, dk, HEAD_DIM, MASK_N)
+    return dw1, dw2
 
 
 @triton.jit
-def _dq_step(dq1, dq2, q1, q2, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn,
-             stride_vn, stride_cn, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-             HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, MASK_N: tl.constexpr,
+def _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn, stride_vn,
+             stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr, COLS: tl.constexpr,
+             MASKED: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
              DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
-    k1, k2 = _load_halves(K, offs_n, n_ok, stride_kn, HALF, INTERLEAVED)
-    c, s = _load_rot(COS, SIN, offs_n, n_ok, stride_cn, HALF, HAS_ROPE)
-    k1, k2 = _prologue(k1, k2, kw1, kw2, c, s, eps, HAS_KNORM, HAS_ROPE, HEAD_DIM)
-    k1 = k1.to(q1.dtype)
-    k2 = k2.to(q1.dtype)
-    cols = tl.arange(0, HEAD_DIM)
-    v = tl.load(V + offs_n[:, None] * stride_vn + cols[None, :], mask=n_ok[:, None], other=0.0)
-    qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    qk += tl.dot(q2, tl.trans(k2), input_precision=DOT_PREC)
-    p = tl.exp2(qk - lse[:, None])
-    if MASK_N:
+    k = _load_qk_tile(K, kw1, kw2, COS, SIN, offs_n, n_ok, stride_kn, stride_cn, eps, HEAD_DIM,
+                      COLS, MASKED, HAS_KNORM, HAS_ROPE, INTERLEAVED)
+    v = _load_tile(V, offs_n, n_ok, stride_vn, HEAD_DIM, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
         p = tl.where(n_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = (p * (dp - delta[:, None])).to(q1.dtype)
-    dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-    dq2 += tl.dot(ds, k2, input_precision=DOT_PREC)
-    return dq1, dq2
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dq += tl.dot(ds, k, input_precision=DOT_PREC)
+    return dq
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQW, COS, SIN, QW, KW,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                stride_dqb, stride_dqh, stride_dqn, stride_cb, stride_cn, H, N, qk_scale, sm_scale,
-                eps, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-                DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N, stride_qn,
+             stride_kn, stride_vn, stride_on, stride_don, stride_dqn, stride_cn, qk_scale,
+             sm_scale, eps, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASK_M: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
+             HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dQ of ROWS queries from start_m; returns this tile's dL/d q_norm_weight halves."""
+    offs_m = start_m + tl.arange(0, ROWS)
+    m_ok = offs_m < N
+    qx = _load_tile(Q, offs_m, m_ok, stride_qn, HEAD_DIM, MASK_M)
+    qc, qs = _load_rot(COS, SIN, offs_m, m_ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
+    q = _prologue_tile(qx, qw1, qw2, qc, qs, eps, HAS_QNORM, HAS_ROPE, ROWS, HEAD_DIM,
+                       INTERLEAVED).to(Q.dtype.element_ty)
+    do = _load_tile(DO, offs_m, m_ok, stride_don, HEAD_DIM, MASK_M)
+    o = _load_tile(O, offs_m, m_ok, stride_on, HEAD_DIM, MASK_M)
+    delta = _sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if MASK_M:
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + offs_m)
+    dq = tl.full([ROWS, HEAD_DIM], 0.0, dtype=tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn,
+                      stride_vn, stride_cn, qk_scale, eps, HEAD_DIM, BLOCK_N, False, HAS_KNORM,
+                      HAS_ROPE, DOT_PREC, INTERLEAVED)
+    for start_n in range(n_full, N, TAIL):
+        dq = _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn,
+                      stride_vn, stride_cn, qk_scale, eps, HEAD_DIM, TAIL, True, HAS_KNORM,
+                      HAS_ROPE, DOT_PREC, INTERLEAVED)
+    dq, dw1, dw2 = _prologue_tile_grad(dq * sm_scale, qx, qw1, qw2, qc, qs, eps, HAS_QNORM,
+                                       HAS_ROPE, ROWS, HEAD_DIM, INTERLEAVED)
+    _store_tile(DQ, offs_m, m_ok, stride_dqn, dq, HEAD_DIM, MASK_M)
+    return dw1, dw2
+
+
+@triton.jit
+def attn_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
+             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+             stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+             stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+             stride_cb, stride_cn, H, N, DW_ROWS, qk_scale, sm_scale, eps,
+             HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+             BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HAS_QNORM: tl.constexpr,
+             HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+             INTERLEAVED: tl.constexpr):
+    """DW: [B * H, 2, DW_ROWS, D] fp32 partial sums of the norm weights' gradients (k at 0, q at
+    1), one row per program, zeroed by the host (a config with fewer programs leaves rows 0)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = tl.cast(bh // H, tl.int64)
     h = tl.cast(bh % H, tl.int64)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
     DO += b * stride_dob + h * stride_doh
-    DQ += b * stride_dqb + h * stride_dqh
+    LSE += tl.cast(bh, tl.int64) * N
     COS += b * stride_cb
     SIN += b * stride_cb
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N
-    qx1, qx2 = _load_halves(Q, offs_m, m_ok, stride_qn, HALF, INTERLEAVED)
-    qc, qs = _load_rot(COS, SIN, offs_m, m_ok, stride_cn, HALF, HAS_ROPE)
     qw1, qw2 = _load_weight(QW, HALF, HAS_QNORM, INTERLEAVED)
-    q1, q2 = _prologue(qx1, qx2, qw1, qw2, qc, qs, eps, HAS_QNORM, HAS_ROPE, HEAD_DIM)
-    q1 = (q1 * qk_scale).to(Q.dtype.element_ty)
-    q2 = (q2 * qk_scale).to(Q.dtype.element_ty)
-    cols = tl.arange(0, HEAD_DIM)
-    do = tl.load(DO + offs_m[:, None] * stride_don + cols[None, :], mask=m_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * N + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + bh * N + offs_m, mask=m_ok, other=0.0)
     kw1, kw2 = _load_weight(KW, HALF, HAS_KNORM, INTERLEAVED)
-
-    dq1 = tl.full([BLOCK_M, HALF], 0.0, dtype=tl.float32)
-    dq2 = tl.full([BLOCK_M, HALF], 0.0, dtype=tl.float32)
-    n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N,
-                            stride_kn, stride_vn, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_KNORM,
-                            HAS_ROPE, False, DOT_PREC, INTERLEAVED)
-    if n_full < N:
-        dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse, delta, K, V, COS, SIN, kw1, kw2, n_full, N,
-                            stride_kn, stride_vn, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_KNORM,
-                            HAS_ROPE, True, DOT_PREC, INTERLEAVED)
-    dq1 = dq1 * sm_scale
-    dq2 = dq2 * sm_scale
-    dq1, dq2, dw1, dw2 = _prologue_bwd(dq1, dq2, qx1, qx2, qw1, qw2, qc, qs, eps, HAS_QNORM,
-                                       HAS_ROPE, HEAD_DIM)
-    c1, c2 = _pair_cols(HALF, INTERLEAVED)
-    dq_ptr = DQ + offs_m[:, None] * stride_dqn
-    tl.store(dq_ptr + c1[None, :], dq1.to(DQ.dtype.element_ty), mask=m_ok[:, None])
-    tl.store(dq_ptr + c2[None, :], dq2.to(DQ.dtype.element_ty), mask=m_ok[:, None])
-    if HAS_QNORM:
-        row = DQW + (bh * tl.num_programs(0) + pid_m) * HEAD_DIM
-        tl.store(row + c1, dw1)
-        tl.store(row + c2, dw2)
+    n_kv = (N + BLOCK_N1 - 1) // BLOCK_N1
+    if pid < n_kv:
+        DK += b * stride_dkb + h * stride_dkh
+        DV += b * stride_dvb + h * stride_dvh
+        start_n = pid * BLOCK_N1
+        if start_n + BLOCK_N1 <= N:
+            dw1, dw2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2,
+                                  start_n, N, stride_qn, stride_kn, stride_vn, stride_on,
+                                  stride_don, stride_dkn, stride_dvn, stride_cn, qk_scale,
+                                  sm_scale, eps, HEAD_DIM, BLOCK_N1, BLOCK_M1, False, HAS_QNORM,
+                                  HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+        else:
+            dw1 = tl.full([HALF], 0.0, dtype=tl.float32)
+            dw2 = tl.full([HALF], 0.0, dtype=tl.float32)
+            for start in range(start_n, N, TAIL):
+                t1, t2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2,
+                                    start, N, stride_qn, stride_kn, stride_vn, stride_on,
+                                    stride_don, stride_dkn, stride_dvn, stride_cn, qk_scale,
+                                    sm_scale, eps, HEAD_DIM, TAIL, BLOCK_M1, True, HAS_QNORM,
+                                    HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+                dw1 += t1
+                dw2 += t2
+        if HAS_KNORM:
+            _store_weight_grad(DW, (bh * 2) * DW_ROWS + pid, dw1, dw2, HEAD_DIM, INTERLEAVED)
+    else:
+        DQ += b * stride_dqb + h * stride_dqh
+        pid_m = pid - n_kv
+        start_m = pid_m * BLOCK_M2
+        if start_m + BLOCK_M2 <= N:
+            dw1, dw2 = _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N,
+                                stride_qn, stride_kn, stride_vn, stride_on, stride_don,
+                                stride_dqn, stride_cn, qk_scale, sm_scale, eps, HEAD_DIM,
+                                BLOCK_M2, BLOCK_N2, False, HAS_QNORM, HAS_KNORM, HAS_ROPE,
+                                DOT_PREC, INTERLEAVED)
+        else:
+            dw1 = tl.full([HALF], 0.0, dtype=tl.float32)
+            dw2 = tl.full([HALF], 0.0, dtype=tl.float32)
+            for start in range(start_m, N, TAIL):
+                t1, t2 = _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start,
+                                  N, stride_qn, stride_kn, stride_vn, stride_on, stride_don,
+                                  stride_dqn, stride_cn, qk_scale, sm_scale, eps, HEAD_DIM, TAIL,
+                                  BLOCK_N2, True, HAS_QNORM, HAS_KNORM, HAS_ROPE, DOT_PREC,
+                                  INTERLEAVED)
+                dw1 += t1
+                dw2 += t2
+        if HAS_QNORM:
+            _store_weight_grad(DW, (bh * 2 + 1) * DW_ROWS + pid_m, dw1, dw2, HEAD_DIM,
+                               INTERLEAVED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,46 +502,13 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQW, COS, SIN, QW, KW,
 # batch * head, q or k); the backward recomputes the prologue from the saved inputs.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _load_pairs(base, rows, mask, stride_row, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                INTERLEAVED: tl.constexpr):
-    """A [ROWS, D] tile read row-contiguously (vectorised, coalesced), split into the two
-    [ROWS, D/2] members of each rotation pair. The strided column loads of `_load_halves` are
-    fine inside attention, where the matmuls dominate, but made this memory-bound pass ~20x
-    slower than its bandwidth allows."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    cols = tl.arange(0, HEAD_DIM)
-    x = tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask[:, None], other=0.0)
-    x = x.to(tl.float32)
-    if INTERLEAVED:
-        x1, x2 = tl.split(tl.reshape(x, [ROWS, HALF, 2]))
-    else:
-        x1, x2 = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, HALF]), [0, 2, 1]))
-    return x1, x2
-
-
-@triton.jit
-def _store_pairs(base, rows, mask, stride_row, x1, x2, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 INTERLEAVED: tl.constexpr):
-    """The inverse of `_load_pairs`: one row-contiguous store of the re-interleaved tile."""
-    if INTERLEAVED:
-        x = tl.reshape(tl.join(x1, x2), [ROWS, HEAD_DIM])
-    else:
-        x = tl.reshape(tl.permute(tl.join(x1, x2), [0, 2, 1]), [ROWS, HEAD_DIM])
-    cols = tl.arange(0, HEAD_DIM)
-    tl.store(base + rows[:, None] * stride_row + cols[None, :], x.to(base.dtype.element_ty),
-             mask=mask[:, None])
-
-
-@triton.jit
 def _prologue_tile_fwd(X, Y, W, COS, SIN, offs, ok, stride_xn, stride_yn, stride_cn, eps,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NORM: tl.constexpr,
                        HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    x1, x2 = _load_pairs(X, offs, ok, stride_xn, BLOCK_N, HEAD_DIM, INTERLEAVED)
-    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HALF, HAS_ROPE)
-    w1, w2 = _load_weight(W, HALF, HAS_NORM, INTERLEAVED)
-    y1, y2 = _prologue(x1, x2, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE, HEAD_DIM)
-    _store_pairs(Y, offs, ok, stride_yn, y1, y2, BLOCK_N, HEAD_DIM, INTERLEAVED)
+    w1, w2 = _load_weight(W, HEAD_DIM // 2, HAS_NORM, INTERLEAVED)
+    y = _load_qk_tile(X, w1, w2, COS, SIN, offs, ok, stride_xn, stride_cn, eps, HEAD_DIM, BLOCK_N,
+                      True, HAS_NORM, HAS_ROPE, INTERLEAVED)
+    _store_tile(Y, offs, ok, stride_yn, y, HEAD_DIM, True)
 
 
 @triton.jit
@@ -481,21 +541,18 @@ def qk_prologue_fwd(Q, K, QO, KO, COS, SIN, QW, KW,
 
 
 @triton.jit
-def _prologue_tile_bwd(X, G, DX, W, DW_ROW, COS, SIN, offs, ok, stride_xn, stride_gn, stride_dn,
-                       stride_cn, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+def _prologue_tile_bwd(X, G, DX, W, DW, dw_row, COS, SIN, offs, ok, stride_xn, stride_gn,
+                       stride_dn, stride_cn, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    x1, x2 = _load_pairs(X, offs, ok, stride_xn, BLOCK_N, HEAD_DIM, INTERLEAVED)
-    g1, g2 = _load_pairs(G, offs, ok, stride_gn, BLOCK_N, HEAD_DIM, INTERLEAVED)
-    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HALF, HAS_ROPE)
-    w1, w2 = _load_weight(W, HALF, HAS_NORM, INTERLEAVED)
-    dx1, dx2, dw1, dw2 = _prologue_bwd(g1, g2, x1, x2, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE,
-                                       HEAD_DIM)
-    _store_pairs(DX, offs, ok, stride_dn, dx1, dx2, BLOCK_N, HEAD_DIM, INTERLEAVED)
+    x = _load_tile(X, offs, ok, stride_xn, HEAD_DIM, True)
+    g = _load_tile(G, offs, ok, stride_gn, HEAD_DIM, True).to(tl.float32)
+    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
+    w1, w2 = _load_weight(W, HEAD_DIM // 2, HAS_NORM, INTERLEAVED)
+    dx, dw1, dw2 = _prologue_tile_grad(g, x, w1, w2, c, s, eps, HAS_NORM, HAS_ROPE, BLOCK_N,
+                                       HEAD_DIM, INTERLEAVED)
+    _store_tile(DX, offs, ok, stride_dn, dx, HEAD_DIM, True)
     if HAS_NORM:  # masked rows load as zeros and add nothing
-        c1, c2 = _pair_cols(HALF, INTERLEAVED)
-        tl.store(DW_ROW + c1, dw1)
-        tl.store(DW_ROW + c2, dw2)
+        _store_weight_grad(DW, dw_row, dw1, dw2, HEAD_DIM, INTERLEAVED)
 
 
 @triton.jit
@@ -509,15 +566,15 @@ def qk_prologue_bwd(Q, K, DQO, DKO, DQ, DK, DQW, DKW, COS, SIN, QW, KW,
     into row (bh * num_programs(0) + pid_n) of DQW / DKW."""
     offs, ok, b, h, which, COS, SIN = _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N)
     d_off = b * stride_db + h * stride_dh
-    row = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * HEAD_DIM
+    row = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     if which == 0:
         _prologue_tile_bwd(Q + b * stride_qb + h * stride_qh, DQO + b * stride_gqb + h * stride_gqh,
-                           DQ + d_off, QW, DQW + row, COS, SIN, offs, ok, stride_qn, stride_gqn,
+                           DQ + d_off, QW, DQW, row, COS, SIN, offs, ok, stride_qn, stride_gqn,
                            stride_dn, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_QNORM, HAS_ROPE,
                            INTERLEAVED)
     else:
         _prologue_tile_bwd(K + b * stride_kb + h * stride_kh, DKO + b * stride_gkb + h * stride_gkh,
-                           DK + d_off, KW, DKW + row, COS, SIN, offs, ok, stride_kn, stride_gkn,
+                           DK + d_off, KW, DKW, row, COS, SIN, offs, ok, stride_kn, stride_gkn,
                            stride_dn, stride_cn, eps, HEAD_DIM, BLOCK_N, HAS_KNORM, HAS_ROPE,
                            INTERLEAVED)
 
@@ -526,43 +583,45 @@ PROLOGUE_META = {"BLOCK_N": 64} if INTERPRET else {"BLOCK_N": 64, "num_warps": 4
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages). Compiled kernels are autotuned
-# over these per (N, head_dim, flags, dtypes); the partial-sum buffers are zeroed between tuning
-# runs because the number of programs (hence the rows they write) depends on the config. With
+# Launch configurations. Compiled kernels are autotuned over these per (N, head_dim, flags,
+# dtypes); the partial-sum buffer of the norm weights' gradients is zeroed between tuning runs
+# because the number of programs (hence the rows they write) depends on the config. With
 # KERNELS_AUTOTUNE=0 at launch time, and always in the interpreter (autotuning needs a GPU),
 # FIXED_META is used instead: the first config of each list (64 x 64 tiles when interpreted).
+# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages); backward: (BLOCK_M1, BLOCK_N1, BLOCK_M2,
+# BLOCK_N2, num_warps, num_stages) -- the dK/dV programs like many keys and few queries per
+# step, the dQ programs the opposite (FlashAttention-2's split).
 # ---------------------------------------------------------------------------------------------
 FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3),
-               (64, 32, 4, 3), (32, 64, 4, 2)]
-DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 3),
-                (32, 32, 4, 2)]
-DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 8, 3),
-              (32, 32, 4, 2)]
+               (64, 32, 4, 3), (128, 128, 8, 3)]
+BWD_CONFIGS = [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 2), (32, 128, 128, 32, 8, 2),
+               (64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 3), (16, 64, 64, 16, 4, 2),
+               (64, 64, 64, 64, 8, 3)]
+FWD_BLOCKS = ("BLOCK_M", "BLOCK_N")
+BWD_BLOCKS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 
 
-def _meta(cfg):
-    m, n, w, s = cfg
-    return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+def _meta(cfg, names):
+    *blocks, warps, stages = cfg
+    return {**dict(zip(names, blocks)), "num_warps": warps, "num_stages": stages}
 
 
 if INTERPRET:
-    FIXED_META = {k: {"BLOCK_M": 64, "BLOCK_N": 64} for k in ("fwd", "dkdv", "dq")}
-    attn_fwd_tuned = attn_bwd_dkdv_tuned = attn_bwd_dq_tuned = None
+    FIXED_META = {"fwd": dict(zip(FWD_BLOCKS, (64, 64))), "bwd": dict(zip(BWD_BLOCKS, (64,) * 4))}
+    attn_fwd_tuned = attn_bwd_tuned = None
 else:
-    FIXED_META = {"fwd": _meta(FWD_CONFIGS[0]), "dkdv": _meta(DKDV_CONFIGS[0]),
-                  "dq": _meta(DQ_CONFIGS[0])}
+    FIXED_META = {"fwd": _meta(FWD_CONFIGS[0], FWD_BLOCKS),
+                  "bwd": _meta(BWD_CONFIGS[0], BWD_BLOCKS)}
 
-    def _configs(cfgs):
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for (m, n, w, s) in cfgs]
+    def _configs(cfgs, names):
+        return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1])
+                for c in cfgs]
 
-    _KEY = ["N", "HEAD_DIM", "HAS_QNORM", "HAS_KNORM", "HAS_ROPE", "DOT_PREC",
-            "INTERLEAVED"]
-    attn_fwd_tuned = triton.autotune(configs=_configs(FWD_CONFIGS), key=_KEY)(attn_fwd)
-    attn_bwd_dkdv_tuned = triton.autotune(configs=_configs(DKDV_CONFIGS), key=_KEY,
-                                          reset_to_zero=["DKW"])(attn_bwd_dkdv)
-    attn_bwd_dq_tuned = triton.autotune(configs=_configs(DQ_CONFIGS), key=_KEY,
-                                        reset_to_zero=["DQW"])(attn_bwd_dq)
-# the smallest key tile of dK/dV and query tile of dQ among the tuned configs: sizes the
-# partial-sum buffers of the norm weights' gradients
-TUNED_MIN_TILE = min([c[1] for c in DKDV_CONFIGS] + [c[0] for c in DQ_CONFIGS])
+    _KEY = ["N", "HEAD_DIM", "HAS_QNORM", "HAS_KNORM", "HAS_ROPE", "DOT_PREC", "INTERLEAVED"]
+    attn_fwd_tuned = triton.autotune(configs=_configs(FWD_CONFIGS, FWD_BLOCKS),
+                                     key=_KEY)(attn_fwd)
+    attn_bwd_tuned = triton.autotune(configs=_configs(BWD_CONFIGS, BWD_BLOCKS), key=_KEY,
+                                     reset_to_zero=["DW"])(attn_bwd)
+# the smallest key tile of the dK/dV programs and query tile of the dQ programs among the tuned
+# configs: sizes the partial-sum buffer of the norm weights' gradients (rows per role)
+TUNED_MIN_TILE = min(min(c[1], c[2]) for c in BWD_CONFIGS)

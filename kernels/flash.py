@@ -79,48 +79,37 @@ def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
 
 
 def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, interleaved):
-    """Writes dq, dk, dv (preallocated, any strides with unit last stride); returns (dqw, dkw)."""
+    """Writes dq, dk, dv (preallocated, any strides with unit last stride); returns (dqw, dkw).
+    One launch: the dK/dV programs and the dQ programs share the grid."""
     b, h, n, d = q.shape
     dev = q.device
     mod = _kernels(dev)
     cos, sin, scb, scn = _rope_args(rope, q)
-    delta = torch.empty(b * h, n, device=dev, dtype=torch.float32)
     flags = _flags(q, rope, qw, kw, interleaved)
-    # per-program partial sums of the norm weights' gradients; sized for the smallest tile, and
-    # zeroed (also between autotuning runs) so rows a config does not write add nothing. Without
-    # a norm they are 1-element placeholders (never the LSE: autotuning zeroes them).
+    # per-program partial sums of the norm weights' gradients, [B * H, (k, q), rows, D]; rows
+    # sized for the smallest tile and zeroed (also between autotuning runs) so rows a config does
+    # not write add nothing. Without a norm, a 1-element placeholder (autotuning zeroes it).
     tuned = _autotuned(mod)
-    fixed = mod.FIXED_META
-    min_tile = (mod.TUNED_MIN_TILE if tuned else
-                min(fixed["dkdv"]["BLOCK_N"], fixed["dq"]["BLOCK_M"]))
-    rows = b * h * _cdiv(n, min_tile)
-    dqw_part = torch.zeros(rows if qw is not None else 1, d, device=dev, dtype=torch.float32)
-    dkw_part = torch.zeros(rows if kw is not None else 1, d, device=dev, dtype=torch.float32)
-    qw_arg = q if qw is None else qw
-    kw_arg = q if kw is None else kw
+    meta = mod.FIXED_META["bwd"]
+    min_tile = mod.TUNED_MIN_TILE if tuned else min(meta["BLOCK_N1"], meta["BLOCK_M2"])
+    rows = _cdiv(n, min_tile)
+    has_norm = qw is not None or kw is not None
+    dw_part = torch.zeros((b * h, 2, rows, d) if has_norm else (1,), device=dev,
+                          dtype=torch.float32)
+    args = (q, k, v, o, do, lse, dq, dk, dv, dw_part, cos, sin, q if qw is None else qw,
+            q if kw is None else kw,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scb, scn, h, n, rows,
+            scale * LOG2E, scale, eps)
 
-    mod.attn_bwd_delta[(_cdiv(n, 64), b * h)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
-        do.stride(2), h, n, HEAD_DIM=d, BLOCK_M=64)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, dkw_part, cos, sin, qw_arg, kw_arg,
-                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
-                 dv.stride(2), scb, scn, h, n, scale * LOG2E, eps)
-    dq_args = (q, k, v, do, lse, delta, dq, dqw_part, cos, sin, qw_arg, kw_arg,
-               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-               dq.stride(0), dq.stride(1), dq.stride(2), scb, scn, h, n, scale * LOG2E, scale, eps)
+    def grid(m):
+        return (_cdiv(n, m["BLOCK_N1"]) + _cdiv(n, m["BLOCK_M2"]), b * h)
     if tuned:
-        mod.attn_bwd_dkdv_tuned[lambda m: (_cdiv(n, m["BLOCK_N"]), b * h)](*dkdv_args, **flags)
-        mod.attn_bwd_dq_tuned[lambda m: (_cdiv(n, m["BLOCK_M"]), b * h)](*dq_args, **flags)
+        mod.attn_bwd_tuned[grid](*args, **flags)
     else:
-        meta = fixed["dkdv"]
-        mod.attn_bwd_dkdv[(_cdiv(n, meta["BLOCK_N"]), b * h)](*dkdv_args, **flags, **meta)
-        meta = fixed["dq"]
-        mod.attn_bwd_dq[(_cdiv(n, meta["BLOCK_M"]), b * h)](*dq_args, **flags, **meta)
-    dqw = dqw_part.sum(0).to(qw.dtype) if qw is not None else None
-    dkw = dkw_part.sum(0).to(kw.dtype) if kw is not None else None
+        mod.attn_bwd[grid(meta)](*args, **flags, **meta)
+    dkw = dw_part[:, 0].sum((0, 1)).to(kw.dtype) if kw is not None else None
+    dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
     return dqw, dkw
 
 

@@ -137,8 +137,9 @@ def forced_tiles(block_m: int, block_n: int):
     """Run every attention kernel with one tile shape (interpreted or compiled)."""
     mod = kernels._loader.load("attention", interpret=DEVICE.type != "cuda")
     saved = {k: dict(v) for k, v in mod.FIXED_META.items()}
-    for meta in mod.FIXED_META.values():
-        meta.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    mod.FIXED_META["fwd"].update(BLOCK_M=block_m, BLOCK_N=block_n)
+    mod.FIXED_META["bwd"].update(BLOCK_M1=block_m, BLOCK_N1=block_n, BLOCK_M2=block_m,
+                                 BLOCK_N2=block_n)
     try:
         yield
     finally:

@@ -12,5 +12,5 @@ def test_kernels_compile_for_sm90(capsys):
     assert status == 0, out
     compiled = [line for line in out.splitlines() if line.startswith("ok ")]
     names = {line.split()[1] for line in compiled}
-    assert {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_delta", "modnorm_fwd",
+    assert {"attn_fwd", "attn_bwd", "qk_prologue_fwd", "qk_prologue_bwd", "modnorm_fwd",
             "modnorm_bwd"} <= names, out
