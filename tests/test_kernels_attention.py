@@ -157,6 +157,37 @@ def test_attention_unequal_tiles(tiles):
         assert_kernel_accurate(tensors, tables, torch.float32)
 
 
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "qknorm+rope"])
+def test_attention_never_reads_rows_past_the_sequence(prologue):
+    """Full tiles are loaded without masks; the rows after the last token must never be read.
+    q, k, v and the output gradient are views into buffers whose extra rows hold NaN: one
+    unmasked read past N would poison the output or a gradient (checked against fp64)."""
+    n, pad = 100, 64
+    (q, k, v, qw, kw), tables = make_inputs(n, norm=prologue, rope=prologue, seed=5)
+
+    def padded(t):
+        buf = torch.full((*t.shape[:2], n + pad, t.shape[-1]), float("nan"), dtype=torch.float32,
+                         device=DEVICE)
+        buf[:, :, :n] = t.to(DEVICE, torch.float32)
+        return buf[:, :, :n]
+
+    ref = run("reference", F64, (q, k, v, qw, kw), tables)
+    rope = None if tables is None else tuple(t.to(DEVICE) for t in tables)
+    weights = [None if w is None else w.to(DEVICE, torch.float32).requires_grad_()
+               for w in (qw, kw)]
+    leaves = [padded(t).requires_grad_() for t in (q, k, v)]
+    grad_out = padded(torch.randn(q.shape, generator=torch.Generator().manual_seed(0),
+                                  dtype=F64))
+    for tiles in ((64, 64), (32, 64), (128, 32)):
+        with forced_tiles(*tiles):
+            out = kernels.attention(*leaves, rope=rope, q_norm_weight=weights[0],
+                                    k_norm_weight=weights[1], backend="triton")
+            grads = torch.autograd.grad(out, leaves + [w for w in weights if w is not None],
+                                        grad_out)
+        for t in (out, *grads):
+            assert torch.isfinite(t).all(), f"tiles {tiles}: a row past N was read"
+        assert (out.double() - ref[0]).abs().max().item() < 1e-4
+
 def test_check_rejects_a_wrong_prologue():
     """Negative control: the rule is tight enough to catch a kernel that skips the QK-norm."""
     tensors, tables = make_inputs(17, seed=1)
