@@ -313,9 +313,11 @@ def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_atten
                 compiled: bool = False) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
     used. auto: triton on CUDA when kernels.selfcheck passes, else torch; and torch for a
-    torch.compile'd model, where inductor fuses the same ops without the graph breaks the kernels
-    cost (2x faster, benchmarks/RESULTS_GPU.md). With Triton, attention is the QK-norm/RoPE kernel
-    feeding PyTorch SDPA's fused backends, or with flash_attention=True the Triton flash kernel."""
+    torch.compile'd model, where inductor fuses the same ops itself (measured 2x faster than the
+    compiled kernels when they were still graph breaks, benchmarks/RESULTS_GPU.md; they are
+    custom operators now and compile into the graph, not yet re-measured). With Triton,
+    attention is the QK-norm/RoPE kernel feeding PyTorch SDPA's fused backends, or with
+    flash_attention=True the Triton flash kernel."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = choice

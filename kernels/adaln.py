@@ -1,4 +1,5 @@
-"""Fused RMSNorm + adaLN modulation (+ gated residual add): launchers, autograd, dispatch."""
+"""Fused RMSNorm + adaLN modulation (+ gated residual add): launchers, custom operators with
+autograd, dispatch."""
 from __future__ import annotations
 
 import torch
@@ -92,44 +93,122 @@ def _bwd(h, dy, dh, u, gate, scale, weight, rstd, x_dtype):
     return dx, (du if res else None), dgate, pshift.sum(1), pscale.sum(1), dw
 
 
-class TritonModulatedRMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, weight, eps, out_dtype):
-        x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
-        _, y, rstd = _fwd(x, None, None, shift, scale, weight, eps, out_dtype)
-        ctx.save_for_backward(x, scale, weight, rstd)
-        ctx.shift_dtype = shift.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, scale, weight, rstd = ctx.saved_tensors
-        dx, _, _, dshift, dscale, dw = _bwd(x, _unit_last(dy), None, None, None, scale, weight,
-                                            rstd, x.dtype)
-        return (dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
-                None if dw is None else dw.to(weight.dtype), None, None)
+# ---------------------------------------------------------------------------------------------
+# Custom operators (torch.library) with fake implementations and registered backwards, so that
+# torch.compile traces through the kernels (see kernels/flash.py). Gradients that do not exist
+# (no norm weight) come back from the backward ops as empty tensors.
+# ---------------------------------------------------------------------------------------------
+Tensor = torch.Tensor
 
 
-class TritonGatedResidualModulatedRMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, u, gate, shift, scale, weight, eps, out_dtype):
-        x, u = _unit_last(x), _unit_last(u)
-        gate, shift, scale = _unit_last(gate), _unit_last(shift), _unit_last(scale)
-        h, y, rstd = _fwd(x, u, gate, shift, scale, weight, eps, out_dtype)
-        ctx.save_for_backward(h, u, gate, scale, weight, rstd)
-        ctx.shift_dtype = shift.dtype
-        return h, y
+def _empty_grad(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, dh, dy):
-        h, u, gate, scale, weight, rstd = ctx.saved_tensors
-        if dy is None:  # the normalised output was not used: only the residual add remains
-            dy = torch.zeros_like(h)
-        dx, du, dgate, dshift, dscale, dw = _bwd(
-            h, _unit_last(dy), None if dh is None else _unit_last(dh), u, gate, scale, weight,
-            rstd, h.dtype)
-        return (dx, du, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
-                None if dw is None else dw.to(weight.dtype), None, None)
+
+@torch.library.custom_op("speedrun_kernels::modulated_rmsnorm", mutates_args=())
+def _modnorm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, eps: float,
+                out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(normalised and modulated x, rstd per token)."""
+    x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
+    _, y, rstd = _fwd(x, None, None, shift, scale, weight, eps, out_dtype)
+    return y, rstd
+
+
+@_modnorm_op.register_fake
+def _(x, shift, scale, weight, eps, out_dtype):
+    b, n, c = x.shape
+    return x.new_empty(b, n, c, dtype=out_dtype), x.new_empty(b, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("speedrun_kernels::modulated_rmsnorm_backward", mutates_args=())
+def _modnorm_backward_op(x: Tensor, dy: Tensor, scale: Tensor, weight: Tensor | None,
+                         rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d shift, d scale, d weight) with the [B, C] / [C] sums in fp32."""
+    dx, _, _, dshift, dscale, dw = _bwd(x, _unit_last(dy), None, None, None, scale, weight, rstd,
+                                        x.dtype)
+    return dx, dshift, dscale, _empty_grad(x) if dw is None else dw
+
+
+@_modnorm_backward_op.register_fake
+def _(x, dy, scale, weight, rstd):
+    b, _, c = x.shape
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty(x.shape), x.new_empty(b, c, **f32),
+            x.new_empty(b, c, **f32), _empty_grad(x) if weight is None else x.new_empty(c, **f32))
+
+
+def _modnorm_setup(ctx, inputs, output):
+    x, shift, scale, weight, eps, out_dtype = inputs
+    ctx.save_for_backward(_unit_last(x), _unit_last(scale), weight, output[1])
+    ctx.shift_dtype = shift.dtype
+
+
+def _modnorm_backward(ctx, dy, _drstd):
+    x, scale, weight, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dw = _modnorm_backward_op(x, dy, scale, weight, rstd)
+    return (dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
+            None if weight is None else dw.to(weight.dtype), None, None)
+
+
+_modnorm_op.register_autograd(_modnorm_backward, setup_context=_modnorm_setup)
+
+
+@torch.library.custom_op("speedrun_kernels::gated_residual_modulated_rmsnorm", mutates_args=())
+def _residual_op(x: Tensor, u: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                 weight: Tensor | None, eps: float,
+                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(h = x + gate * u, modulated rmsnorm of h, rstd per token)."""
+    x, u = _unit_last(x), _unit_last(u)
+    gate, shift, scale = _unit_last(gate), _unit_last(shift), _unit_last(scale)
+    return _fwd(x, u, gate, shift, scale, weight, eps, out_dtype)
+
+
+@_residual_op.register_fake
+def _(x, u, gate, shift, scale, weight, eps, out_dtype):
+    b, n, c = x.shape
+    return (x.new_empty(b, n, c), x.new_empty(b, n, c, dtype=out_dtype),
+            x.new_empty(b, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("speedrun_kernels::gated_residual_modulated_rmsnorm_backward",
+                         mutates_args=())
+def _residual_backward_op(h: Tensor, dy: Tensor, dh: Tensor | None, u: Tensor, gate: Tensor,
+                          scale: Tensor, weight: Tensor | None,
+                          rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, du, d gate, d shift, d scale, d weight) with the [B, C] / [C] sums in fp32."""
+    dx, du, dgate, dshift, dscale, dw = _bwd(h, _unit_last(dy),
+                                             None if dh is None else _unit_last(dh), u, gate,
+                                             scale, weight, rstd, h.dtype)
+    return dx, du, dgate, dshift, dscale, _empty_grad(h) if dw is None else dw
+
+
+@_residual_backward_op.register_fake
+def _(h, dy, dh, u, gate, scale, weight, rstd):
+    b, _, c = h.shape
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty(h.shape), torch.empty_like(u),
+            h.new_empty(b, c, **f32), h.new_empty(b, c, **f32), h.new_empty(b, c, **f32),
+            _empty_grad(h) if weight is None else h.new_empty(c, **f32))
+
+
+def _residual_setup(ctx, inputs, output):
+    x, u, gate, shift, scale, weight, eps, out_dtype = inputs
+    h, _, rstd = output
+    ctx.save_for_backward(h, _unit_last(u), _unit_last(gate), _unit_last(scale), weight, rstd)
+    ctx.shift_dtype = shift.dtype
+
+
+def _residual_backward(ctx, dh, dy, _drstd):
+    h, u, gate, scale, weight, rstd = ctx.saved_tensors
+    if dy is None:  # the normalised output was not used: only the residual add remains
+        dy = torch.zeros_like(h)
+    dx, du, dgate, dshift, dscale, dw = _residual_backward_op(h, dy, dh, u, gate, scale, weight,
+                                                              rstd)
+    return (dx, du, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
+            None if weight is None else dw.to(weight.dtype), None, None)
+
+
+_residual_op.register_autograd(_residual_backward, setup_context=_residual_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +239,6 @@ def unsupported_reason(x, shift, scale, weight=None, out_dtype=None, u=None,
     return None
 
 
-@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                       weight: torch.Tensor | None = None, eps: float = 1e-6, *,
                       out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
@@ -170,10 +248,9 @@ def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     problem = unsupported_reason(x, shift, scale, weight, out_dtype)
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.modulated_rmsnorm_reference(x, shift, scale, weight, eps, out_dtype)
-    return TritonModulatedRMSNorm.apply(x, shift, scale, weight, eps, out_dtype or x.dtype)
+    return _modnorm_op(x, shift, scale, weight, eps, out_dtype or x.dtype)[0]
 
 
-@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: torch.Tensor,
                                      shift: torch.Tensor, scale: torch.Tensor,
                                      weight: torch.Tensor | None = None, eps: float = 1e-6, *,
@@ -185,5 +262,5 @@ def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: tor
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.gated_residual_modulated_rmsnorm_reference(x, u, gate, shift, scale,
                                                                     weight, eps, out_dtype)
-    return TritonGatedResidualModulatedRMSNorm.apply(x, u, gate, shift, scale, weight, eps,
-                                                     out_dtype or x.dtype)
+    h, y, _ = _residual_op(x, u, gate, shift, scale, weight, eps, out_dtype or x.dtype)
+    return h, y

@@ -1,4 +1,4 @@
-"""Fused attention: launchers, autograd Functions and the public dispatch functions."""
+"""Fused attention: launchers, custom operators (with autograd) and the public dispatch functions."""
 from __future__ import annotations
 
 import os
@@ -113,116 +113,238 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     return dqw, dkw
 
 
-class TritonAttention(torch.autograd.Function):
-    """softmax(scale * P(q) P(k)^T) v on [B, H, N, D] tensors, P = RoPE(RMSNorm(.)) (each
-    optional); the prologue is recomputed in the backward, only q, k, v, o and the LSE are saved."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        rope = None if cos is None else (cos, sin)
-        o = _bhnd_buffer(q)
-        lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
-        ctx.save_for_backward(q, k, v, o, lse, cos, sin, q_norm_weight, k_norm_weight)
-        ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cos, sin, qw, kw = ctx.saved_tensors
-        rope = None if cos is None else (cos, sin)
-        dq, dk, dv = _bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v)
-        dqw, dkw = _launch_bwd(q, k, v, o, lse, _unit_last(do), dq, dk, dv, rope, qw, kw,
-                               ctx.scale, ctx.eps, ctx.interleaved)
-        return dq, dk, dv, None, None, dqw, dkw, None, None, None
+# ---------------------------------------------------------------------------------------------
+# Custom operators (torch.library): the kernels are ops of their own with a fake (meta)
+# implementation and a registered backward, so torch.compile traces through them without a graph
+# break and eager calls go through the same code. Norm weights the caller does not pass come
+# back as empty gradients from the backward ops (an op cannot return None).
+# ---------------------------------------------------------------------------------------------
+Tensor = torch.Tensor
 
 
-class TritonAttentionPacked(torch.autograd.Function):
-    """The same on a packed qkv [B, N, 3 * H * D] (the output of one Linear): q, k, v are read
-    through strides, the output is [B, N, H * D] and the gradient is one packed tensor, so no
-    permute/contiguous copies happen on either side."""
-
-    @staticmethod
-    def forward(ctx, qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                interleaved):
-        qkv = _unit_last(qkv)
-        b, n, c3 = qkv.shape
-        q, k, v = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4)
-        rope = None if cos is None else (cos, sin)
-        o = _bhnd_buffer(q)
-        lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
-        out = o.transpose(1, 2).reshape(b, n, c3 // 3)
-        ctx.save_for_backward(qkv, out, lse, cos, sin, q_norm_weight, k_norm_weight)
-        ctx.heads, ctx.scale, ctx.eps, ctx.interleaved = heads, scale, eps, interleaved
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, out, lse, cos, sin, qw, kw = ctx.saved_tensors
-        b, n, c3 = qkv.shape
-        heads = ctx.heads
-        d = c3 // (3 * heads)
-        q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-        o = out.view(b, n, heads, d).transpose(1, 2)
-        do = _unit_last(dout.reshape(b, n, heads, d).transpose(1, 2))
-        dqkv = torch.empty_like(qkv)
-        dq, dk, dv = dqkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-        rope = None if cos is None else (cos, sin)
-        dqw, dkw = _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, ctx.scale, ctx.eps,
-                               ctx.interleaved)
-        return dqkv, None, None, None, dqw, dkw, None, None, None
+def _weight_grad(w: Tensor | None, like: Tensor) -> Tensor:
+    """Fake/placeholder gradient of an optional [D] norm weight."""
+    return like.new_empty(0, dtype=torch.float32) if w is None else torch.empty_like(w)
 
 
-class TritonQKPrologue(torch.autograd.Function):
+def _or_none(g: Tensor) -> Tensor | None:
+    return None if g.numel() == 0 else g
+
+
+@torch.library.custom_op("speedrun_kernels::flash_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
+                  q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, scale: float,
+                  eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """(o, base-2 logsumexp) of softmax(scale P(q) P(k)^T) v on [B, H, N, D] tensors."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    rope = None if cos is None else (cos, sin)
+    o = _bhnd_buffer(q)
+    lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
+    return o, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+    b, h, n, _ = q.shape
+    return _bhnd_buffer(q), q.new_empty(b * h, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("speedrun_kernels::flash_attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                           cos: Tensor | None, sin: Tensor | None, q_norm_weight: Tensor | None,
+                           k_norm_weight: Tensor | None, scale: float, eps: float,
+                           interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
+    q, k, v, o = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(o)
+    rope = None if cos is None else (cos, sin)
+    dq, dk, dv = _bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v)
+    dqw, dkw = _launch_bwd(q, k, v, o, lse, _unit_last(do), dq, dk, dv, rope, q_norm_weight,
+                           k_norm_weight, scale, eps, interleaved)
+    return (dq, dk, dv, _weight_grad(None, q) if dqw is None else dqw,
+            _weight_grad(None, q) if dkw is None else dkw)
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, o, lse, do, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+    return (_bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v), _weight_grad(q_norm_weight, q),
+            _weight_grad(k_norm_weight, q))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, cos, sin, qw, kw, scale, eps, interleaved = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cos, sin, qw, kw)
+    ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cos, sin, qw, kw = ctx.saved_tensors
+    dq, dk, dv, dqw, dkw = _attention_backward_op(q, k, v, o, lse, do, cos, sin, qw, kw, ctx.scale,
+                                                  ctx.eps, ctx.interleaved)
+    return dq, dk, dv, None, None, _or_none(dqw), _or_none(dkw), None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _unpack(qkv: Tensor, heads: int):
+    """q, k, v as [B, H, N, D] views of a packed [B, N, 3 * H * D] tensor."""
+    b, n, c3 = qkv.shape
+    return qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+@torch.library.custom_op("speedrun_kernels::flash_attention_packed", mutates_args=())
+def _attention_packed_op(qkv: Tensor, heads: int, cos: Tensor | None, sin: Tensor | None,
+                         q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
+                         scale: float, eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """The attention of a packed qkv [B, N, 3 * H * D] (the output of one Linear), read through
+    strides; returns ([B, N, H * D] output, logsumexp) with no permute/contiguous copies."""
+    qkv = _unit_last(qkv)
+    b, n, c3 = qkv.shape
+    q, k, v = _unpack(qkv, heads)
+    rope = None if cos is None else (cos, sin)
+    o = _bhnd_buffer(q)
+    lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
+    return o.transpose(1, 2).reshape(b, n, c3 // 3), lse
+
+
+@_attention_packed_op.register_fake
+def _(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+    b, n, c3 = qkv.shape
+    return qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b * heads, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("speedrun_kernels::flash_attention_packed_backward", mutates_args=())
+def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, heads: int,
+                                  cos: Tensor | None, sin: Tensor | None,
+                                  q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
+                                  scale: float, eps: float,
+                                  interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d qkv as one packed tensor, d q_norm_weight, d k_norm_weight)."""
+    qkv = _unit_last(qkv)
+    b, n, c3 = qkv.shape
+    d = c3 // (3 * heads)
+    q, k, v = _unpack(qkv, heads)
+    o = _unit_last(out).view(b, n, heads, d).transpose(1, 2)
+    do = _unit_last(dout.reshape(b, n, heads, d).transpose(1, 2))
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = _unpack(dqkv, heads)
+    rope = None if cos is None else (cos, sin)
+    dqw, dkw = _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, q_norm_weight, k_norm_weight,
+                           scale, eps, interleaved)
+    return (dqkv, _weight_grad(None, q) if dqw is None else dqw,
+            _weight_grad(None, q) if dkw is None else dkw)
+
+
+@_attention_packed_backward_op.register_fake
+def _(qkv, out, lse, dout, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+    return (torch.empty_like(qkv), _weight_grad(q_norm_weight, qkv),
+            _weight_grad(k_norm_weight, qkv))
+
+
+def _attention_packed_setup(ctx, inputs, output):
+    qkv, heads, cos, sin, qw, kw, scale, eps, interleaved = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cos, sin, qw, kw)
+    ctx.heads, ctx.scale, ctx.eps, ctx.interleaved = heads, scale, eps, interleaved
+
+
+def _attention_packed_backward(ctx, dout, _dlse):
+    qkv, out, lse, cos, sin, qw, kw = ctx.saved_tensors
+    dqkv, dqw, dkw = _attention_packed_backward_op(qkv, out, lse, dout, ctx.heads, cos, sin, qw,
+                                                   kw, ctx.scale, ctx.eps, ctx.interleaved)
+    return dqkv, None, None, None, _or_none(dqw), _or_none(dkw), None, None, None
+
+
+_attention_packed_op.register_autograd(_attention_packed_backward,
+                                       setup_context=_attention_packed_setup)
+
+
+@torch.library.custom_op("speedrun_kernels::qk_norm_rope", mutates_args=())
+def _prologue_op(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None,
+                 q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, eps: float,
+                 interleaved: bool) -> tuple[Tensor, Tensor]:
     """(P(q), P(k)) with P = RoPE(RMSNorm(.)) (each optional) on [B, H, N, D] tensors, in one
-    launch each way, for an attention implementation without a prologue (SDPA). Outputs are
-    [B, H, N, D] views of [B, N, H, D] memory; only the inputs are saved (P is recomputed)."""
+    launch, for an attention implementation without a prologue (SDPA). Outputs are [B, H, N, D]
+    views of [B, N, H, D] memory; the backward recomputes P from the inputs."""
+    q, k = _unit_last(q), _unit_last(k)
+    b, h, n, d = q.shape
+    mod = _kernels(q.device)
+    rope = None if cos is None else (cos, sin)
+    c, s, scb, scn = _rope_args(rope, q)
+    qo, ko = _bhnd_buffer(q), _bhnd_buffer(k)
+    meta = mod.PROLOGUE_META
+    mod.qk_prologue_fwd[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
+        q, k, qo, ko, c, s, q if q_norm_weight is None else q_norm_weight,
+        q if k_norm_weight is None else k_norm_weight,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), scb, scn, h, n, eps,
+        **_prologue_flags(q, rope, q_norm_weight, k_norm_weight, interleaved), **meta)
+    return qo, ko
 
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
-        q, k = _unit_last(q), _unit_last(k)
-        b, h, n, d = q.shape
-        mod = _kernels(q.device)
-        rope = None if cos is None else (cos, sin)
-        c, s, scb, scn = _rope_args(rope, q)
-        qo, ko = _bhnd_buffer(q), _bhnd_buffer(k)
-        meta = mod.PROLOGUE_META
-        mod.qk_prologue_fwd[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
-            q, k, qo, ko, c, s, q if q_norm_weight is None else q_norm_weight,
-            q if k_norm_weight is None else k_norm_weight,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            qo.stride(0), qo.stride(1), qo.stride(2), scb, scn, h, n, eps,
-            **_prologue_flags(q, rope, q_norm_weight, k_norm_weight, interleaved), **meta)
-        ctx.save_for_backward(q, k, cos, sin, q_norm_weight, k_norm_weight)
-        ctx.eps, ctx.interleaved = eps, interleaved
-        return qo, ko
 
-    @staticmethod
-    def backward(ctx, dqo, dko):
-        q, k, cos, sin, qw, kw = ctx.saved_tensors
-        b, h, n, d = q.shape
-        mod = _kernels(q.device)
-        rope = None if cos is None else (cos, sin)
-        c, s, scb, scn = _rope_args(rope, q)
-        dqo, dko = _unit_last(dqo), _unit_last(dko)
-        dq, dk = _bhnd_buffer(q), _bhnd_buffer(k)
-        meta = mod.PROLOGUE_META
-        blocks = _cdiv(n, meta["BLOCK_N"])
-        # per-program partial sums of the weight gradients (every row is written)
-        dqw_part = torch.empty(b * h * blocks if qw is not None else 1, d, device=q.device,
-                               dtype=torch.float32)
-        dkw_part = torch.empty(b * h * blocks if kw is not None else 1, d, device=q.device,
-                               dtype=torch.float32)
-        mod.qk_prologue_bwd[(blocks, b * h, 2)](
-            q, k, dqo, dko, dq, dk, dqw_part, dkw_part, c, s, q if qw is None else qw,
-            q if kw is None else kw,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1),
-            dko.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), scb, scn, h, n, ctx.eps,
-            **_prologue_flags(q, rope, qw, kw, ctx.interleaved), **meta)
-        dqw = dqw_part.sum(0).to(qw.dtype) if qw is not None else None
-        dkw = dkw_part.sum(0).to(kw.dtype) if kw is not None else None
-        return dq, dk, None, None, dqw, dkw, None, None
+@_prologue_op.register_fake
+def _(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
+    return _bhnd_buffer(q), _bhnd_buffer(k)
+
+
+@torch.library.custom_op("speedrun_kernels::qk_norm_rope_backward", mutates_args=())
+def _prologue_backward_op(q: Tensor, k: Tensor, dqo: Tensor, dko: Tensor, cos: Tensor | None,
+                          sin: Tensor | None, q_norm_weight: Tensor | None,
+                          k_norm_weight: Tensor | None, eps: float,
+                          interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
+    q, k = _unit_last(q), _unit_last(k)
+    qw, kw = q_norm_weight, k_norm_weight
+    b, h, n, d = q.shape
+    mod = _kernels(q.device)
+    rope = None if cos is None else (cos, sin)
+    c, s, scb, scn = _rope_args(rope, q)
+    dqo, dko = _unit_last(dqo), _unit_last(dko)
+    dq, dk = _bhnd_buffer(q), _bhnd_buffer(k)
+    meta = mod.PROLOGUE_META
+    blocks = _cdiv(n, meta["BLOCK_N"])
+    # per-program partial sums of the weight gradients (every row is written)
+    dqw_part = torch.empty(b * h * blocks if qw is not None else 1, d, device=q.device,
+                           dtype=torch.float32)
+    dkw_part = torch.empty(b * h * blocks if kw is not None else 1, d, device=q.device,
+                           dtype=torch.float32)
+    mod.qk_prologue_bwd[(blocks, b * h, 2)](
+        q, k, dqo, dko, dq, dk, dqw_part, dkw_part, c, s, q if qw is None else qw,
+        q if kw is None else kw,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1),
+        dko.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), scb, scn, h, n, eps,
+        **_prologue_flags(q, rope, qw, kw, interleaved), **meta)
+    dqw = dqw_part.sum(0).to(qw.dtype) if qw is not None else _weight_grad(None, q)
+    dkw = dkw_part.sum(0).to(kw.dtype) if kw is not None else _weight_grad(None, q)
+    return dq, dk, dqw, dkw
+
+
+@_prologue_backward_op.register_fake
+def _(q, k, dqo, dko, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
+    return (_bhnd_buffer(q), _bhnd_buffer(k), _weight_grad(q_norm_weight, q),
+            _weight_grad(k_norm_weight, q))
+
+
+def _prologue_setup(ctx, inputs, output):
+    q, k, cos, sin, qw, kw, eps, interleaved = inputs
+    ctx.save_for_backward(q, k, cos, sin, qw, kw)
+    ctx.eps, ctx.interleaved = eps, interleaved
+
+
+def _prologue_backward(ctx, dqo, dko):
+    q, k, cos, sin, qw, kw = ctx.saved_tensors
+    if dqo is None:
+        dqo = torch.zeros_like(q)
+    if dko is None:
+        dko = torch.zeros_like(k)
+    dq, dk, dqw, dkw = _prologue_backward_op(q, k, dqo, dko, cos, sin, qw, kw, ctx.eps,
+                                             ctx.interleaved)
+    return dq, dk, None, None, _or_none(dqw), _or_none(dkw), None, None
+
+
+_prologue_op.register_autograd(_prologue_backward, setup_context=_prologue_setup)
 
 
 def _prologue_flags(q, rope, qw, kw, interleaved: bool) -> dict:
@@ -259,7 +381,6 @@ def unsupported_reason(q, k, v, rope=None, q_norm_weight=None, k_norm_weight=Non
     return None
 
 
-@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               rope: tuple[torch.Tensor, torch.Tensor] | None = None,
               q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
@@ -278,11 +399,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                          k_norm_weight=k_norm_weight, scale=scale, eps=eps,
                                          rope_interleaved=rope_interleaved)
     cos, sin = (None, None) if rope is None else rope
-    return TritonAttention.apply(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                                 rope_interleaved)
+    return _attention_op(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                         rope_interleaved)[0]
 
 
-@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def attention_packed(qkv: torch.Tensor, heads: int, *,
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                      q_norm_weight: torch.Tensor | None = None,
@@ -305,11 +425,10 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
                                       rope_interleaved=rope_interleaved)
         return o.transpose(1, 2).reshape(b, n, c3 // 3)
     cos, sin = (None, None) if rope is None else rope
-    return TritonAttentionPacked.apply(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale,
-                                       eps, rope_interleaved)
+    return _attention_packed_op(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                                rope_interleaved)[0]
 
 
-@torch.compiler.disable  # see kernels/README.md, "torch.compile"
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
                  rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                  q_norm_weight: torch.Tensor | None = None,
@@ -328,5 +447,4 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
         return (reference.qk_prologue(q, q_norm_weight, rope, eps, rope_interleaved),
                 reference.qk_prologue(k, k_norm_weight, rope, eps, rope_interleaved))
     cos, sin = (None, None) if rope is None else rope
-    return TritonQKPrologue.apply(q, k, cos, sin, q_norm_weight, k_norm_weight, eps,
-                                  rope_interleaved)
+    return _prologue_op(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, rope_interleaved)

@@ -359,7 +359,8 @@ def test_checkpoint_with_the_old_3d_mask_token_loads(tmp_path):
 
 def test_kernels_auto_leaves_a_compiled_model_to_inductor(monkeypatch):
     """--kernels auto picks the Triton kernels on a usable GPU, but not for --compile true (the
-    kernels are graph breaks; the compiled torch path measured 2x faster); explicit choices stand."""
+    compiled torch path measured 2x faster than the compiled kernels, then graph breaks; not yet
+    re-measured as custom ops); explicit choices stand."""
     import kernels
     monkeypatch.setattr(kernels, "selfcheck", lambda device: (True, "ok"))
     cuda = torch.device("cuda")

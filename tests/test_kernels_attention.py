@@ -338,12 +338,12 @@ def test_resolve_backend(monkeypatch):
 
 def _spy(monkeypatch):
     calls = []
-    real = attention_mod.TritonAttention.apply
+    real = attention_mod._launch_fwd
 
     def spy(*args):
         calls.append(args[0].shape)
         return real(*args)
-    monkeypatch.setattr(attention_mod.TritonAttention, "apply", spy)
+    monkeypatch.setattr(attention_mod, "_launch_fwd", spy)
     return calls
 
 
