@@ -953,6 +953,90 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
+def make_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with a constant learning rate (fused kernels on CUDA)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def unwrap_model(accelerator, module: nn.Module) -> nn.Module:
+    """The module without its DDP and torch.compile wrappers."""
+    return accelerator.unwrap_model(module, keep_torch_compile=False)
+
+
+def noise_source(cfg: Config, track: dict, model: nn.Module) -> NoisePrefetch:
+    """Every step's draws for the global batch (a step ahead on a thread); model unwrapped."""
+    latent_shape = tuple(track["dataset"]["latent_shape"])
+    time_shift = time_shift_for_shape(latent_shape, cfg.time_shift_base) if cfg.time_shift_base > 0 else 1.0
+    sprint_tokens = model.num_patches if cfg.sprint else 0
+    return NoisePrefetch(lambda step: draw_step_noise(
+        step_generator(cfg.seed, step), cfg.global_batch, latent_shape, cfg.class_dropout, time_shift,
+        model.opts.reg_dim, sprint_tokens, cfg.sprint_drop_ratio, cfg.sprint_path_drop))
+
+
+@dataclass
+class Stepper:
+    """One optimisation step of train(): `forward_backward` over this rank's micro-batches of the
+    global batch, then `update`. train() builds it; benchmarks/bench_gpu_step.py times the same."""
+    cfg: Config
+    accelerator: object
+    model: nn.Module              # as prepared: DDP and torch.compile wrappers
+    teacher: nn.Module | None     # REPA/REG: the online DINOv2 (or digits) teacher
+    optimizer: torch.optim.Optimizer
+    ema: nn.Module
+    loader: object                # preprocessing.loader.ShardLoader: this rank's slice of each batch
+    noise_for: NoisePrefetch
+    num_classes: int
+    perm_cache: dict = field(default_factory=dict)  # epoch permutations for CFM's one sample before the slice
+
+    def unwrap(self) -> nn.Module:
+        return unwrap_model(self.accelerator, self.model)
+
+    def forward_backward(self, step: int) -> tuple[float, torch.Tensor]:
+        """Forward/backward over this rank's micro-batches of the global batch; returns the mean
+        loss over every process and micro-batch, and the clipped gradient norm."""
+        from preprocessing.loader import global_indices
+        cfg, accelerator, loader, model = self.cfg, self.accelerator, self.loader, self.model
+        micro_batch = cfg.global_batch // (accelerator.num_processes * cfg.grad_accum)
+        batch = next(loader)  # this rank's contiguous slice of the global batch of `step`
+        assert batch.step == step, (batch.step, step)
+        noise = self.noise_for(step)
+        device = accelerator.device
+        first = accelerator.process_index * loader.local_batch  # global position of the slice
+        x0 = batch.latents.to(device, non_blocking=True)
+        y = batch.labels.to(device, non_blocking=True)
+        images = batch.images.to(device, non_blocking=True) if self.teacher is not None else None
+        negatives = None
+        if cfg.cfm_coef > 0:
+            def latent_at(p: int) -> torch.Tensor:  # the sample just before the slice (another rank's)
+                idx = global_indices(step, loader.n, cfg.global_batch, cfg.seed, self.perm_cache)[p:p + 1]
+                return torch.from_numpy(loader.dataset.get_latents(idx))
+            negatives = cfm_negatives(batch.latents, noise.eps, first, latent_at).to(device, non_blocking=True)
+        total = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            # chunk process_index * grad_accum + micro of the global batch: the rank's slice in
+            # consecutive micro-batches; the noise is taken at the same global positions
+            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            local = noise.slice(slice(first + rows.start, first + rows.stop), device)
+            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                teacher_out = None  # the teacher runs in the training precision too (bf16 on GPU)
+                if self.teacher is not None:
+                    teacher_out = self.teacher(images[rows])
+                loss, _ = training_loss(model, cfg, x0[rows], y[rows], local, self.num_classes, teacher_out,
+                                        None if negatives is None else negatives[rows])
+                accelerator.backward(loss / cfg.grad_accum)
+            total += loss.detach() / cfg.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        return accelerator.reduce(total, reduction="mean").item(), grad_norm
+
+    def update(self) -> None:
+        """The optimiser step on the accumulated gradients, then the EMA."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.unwrap(), self.cfg.ema_decay)
+
+
 def train(cfg: Config) -> dict:
     """Trains for the configured budget; at the end samples, scores and writes the record.
     Returns a summary dict (run dir, metrics, record path)."""
@@ -960,7 +1044,7 @@ def train(cfg: Config) -> dict:
 
     from tqdm import tqdm
 
-    from preprocessing.loader import LoaderStateError, ShardLoader, global_indices
+    from preprocessing.loader import LoaderStateError, ShardLoader
     from preprocessing.shards import ShardDataset
 
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
@@ -968,13 +1052,12 @@ def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
 
-    def unwrap(module: nn.Module) -> nn.Module:  # strip DDP and torch.compile wrappers
-        return accelerator.unwrap_model(module, keep_torch_compile=False)
+    def unwrap(module: nn.Module) -> nn.Module:
+        return unwrap_model(accelerator, module)
     world = accelerator.num_processes
     if cfg.global_batch % (world * cfg.grad_accum):
         raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes x "
                           f"{cfg.grad_accum} accumulation steps")
-    micro_batch = cfg.global_batch // (world * cfg.grad_accum)
     set_determinism(cfg.deterministic)
 
     if not cfg.run_name:
@@ -1004,8 +1087,7 @@ def train(cfg: Config) -> dict:
     cap = track.get("parameter_cap")
     if cap and n_params > cap:
         raise ConfigError(f"{cfg.model} has {n_params} parameters, over the track's cap of {cap}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda")
+    optimizer = make_optimizer(cfg, model, accelerator.device)
 
     start_step, train_seconds = 0, 0.0
     resume_path = _resolve_resume(cfg, run_dir)
@@ -1031,12 +1113,6 @@ def train(cfg: Config) -> dict:
             loader.load_state_dict({**state["extra"].get("data_position", {}), "step": start_step})
         except LoaderStateError as e:
             raise ConfigError(f"cannot resume {resume_path}: {e}") from None
-    perm_cache: dict = {}  # epoch permutations for CFM's one sample before this rank's slice
-    num_classes = track["dataset"]["num_classes"]
-    latent_shape = tuple(track["dataset"]["latent_shape"])
-    time_shift = time_shift_for_shape(latent_shape, cfg.time_shift_base) if cfg.time_shift_base > 0 else 1.0
-    reg_dim = unwrap(model).opts.reg_dim
-    sprint_tokens = unwrap(model).num_patches if cfg.sprint else 0
 
     env = environment_report(accelerator) | {"kernels": kernel_backend}
     if not (resume_path and log.path.exists()):
@@ -1066,44 +1142,8 @@ def train(cfg: Config) -> dict:
                 old.unlink()
         accelerator.wait_for_everyone()
 
-    noise_for = NoisePrefetch(lambda step: draw_step_noise(
-        step_generator(cfg.seed, step), cfg.global_batch, latent_shape, cfg.class_dropout, time_shift, reg_dim,
-        sprint_tokens, cfg.sprint_drop_ratio, cfg.sprint_path_drop))
-
-    def train_step(step: int) -> tuple[float, torch.Tensor]:
-        """Forward/backward over this rank's micro-batches of the global batch; returns the mean
-        loss over every process and micro-batch, and the clipped gradient norm."""
-        batch = next(loader)  # this rank's contiguous slice of the global batch of `step`
-        assert batch.step == step, (batch.step, step)
-        noise = noise_for(step)
-        device = accelerator.device
-        first = accelerator.process_index * loader.local_batch  # global position of the slice
-        x0 = batch.latents.to(device, non_blocking=True)
-        y = batch.labels.to(device, non_blocking=True)
-        images = batch.images.to(device, non_blocking=True) if teacher is not None else None
-        negatives = None
-        if cfg.cfm_coef > 0:
-            def latent_at(p: int) -> torch.Tensor:  # the sample just before the slice (another rank's)
-                idx = global_indices(step, loader.n, cfg.global_batch, cfg.seed, perm_cache)[p:p + 1]
-                return torch.from_numpy(loader.dataset.get_latents(idx))
-            negatives = cfm_negatives(batch.latents, noise.eps, first, latent_at).to(device, non_blocking=True)
-        total = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            # chunk process_index * grad_accum + micro of the global batch: the rank's slice in
-            # consecutive micro-batches; the noise is taken at the same global positions
-            rows = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            local = noise.slice(slice(first + rows.start, first + rows.stop), device)
-            sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                teacher_out = None  # the teacher runs in the training precision too (bf16 on GPU)
-                if teacher is not None:
-                    teacher_out = teacher(images[rows])
-                loss, _ = training_loss(model, cfg, x0[rows], y[rows], local, num_classes, teacher_out,
-                                        None if negatives is None else negatives[rows])
-                accelerator.backward(loss / cfg.grad_accum)
-            total += loss.detach() / cfg.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        return accelerator.reduce(total, reduction="mean").item(), grad_norm
+    stepper = Stepper(cfg, accelerator, model, teacher, optimizer, ema, loader,
+                      noise_source(cfg, track, unwrap(model)), track["dataset"]["num_classes"])
 
     model.train()
     window_start, window_step = time.perf_counter(), start_step
@@ -1114,14 +1154,12 @@ def train(cfg: Config) -> dict:
     try:
         while step < cfg.iterations:
             t0 = time.perf_counter()
-            loss_value, grad_norm = train_step(step)
+            loss_value, grad_norm = stepper.forward_backward(step)
             if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
                 raise NonFiniteLoss(f"non-finite loss {loss_value} / grad norm {float(grad_norm)} at step "
                                     f"{step}; parameters were not updated; last good checkpoint: "
                                     f"{(list_checkpoints(run_dir) or ['none'])[-1]}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, unwrap(model), cfg.ema_decay)
+            stepper.update()
             step += 1
             train_seconds += time.perf_counter() - t0
             bar.update(1)
@@ -1149,7 +1187,7 @@ def train(cfg: Config) -> dict:
     finally:
         bar.close()
         loader.close()  # stops the prefetch thread (end of training, error or signal)
-        noise_for.close()
+        stepper.noise_for.close()
         signal.signal(signal.SIGTERM, previous_handler)
         if tracker:
             tracker.finish()

@@ -3,11 +3,15 @@
     python benchmarks/bench_gpu_step.py [--batch 32] [--steps 20] [--compile] [--json out.json]
                                         [--public .srdit/time_step.py]
 
-The step is train.py's, piece by piece: the track imagenet256_400k defaults (SR-DiT SiT-B/1 on
-32x16x16 INVAE latents, every component on), the online DINOv2-B/14 forward on 256 px uint8 images
-(random weights: the cost is the architecture's), the CPU noise draw of the global batch (256, as
-each of 8 ranks draws it), host-to-device copies, bf16 autocast, backward, clipping, AdamW, EMA.
-Only the shard reads are left out (benchmarks/bench_loader.py measures those).
+The step is train.py's own (train.Stepper, with the model, optimiser and accelerator train()
+builds) on the track imagenet256_400k defaults (SR-DiT SiT-B/1 on 32x16x16 INVAE latents, every
+component on): the ShardLoader batch from a synthetic shard dataset of the track's shapes (random
+uint8 256 px images and latents, written to a temporary folder; pinned memory, prefetch thread),
+the step's noise (drawn a step ahead on a thread), the online DINOv2-B/14 forward (random weights:
+the cost is the architecture's), bf16 autocast, backward, clipping, the loss's all-reduce and
+.item(), AdamW, EMA. One process holds one rank's share of the track's run: the global batch is
+set to --batch, so each step draws noise for 32 samples where a rank of the 8-GPU run draws the
+whole 256 (that draw's CPU time is printed on its own; it runs on the prefetch thread).
 
 Columns: median ms/step over the timed steps and images/s per GPU; MFU = model FLOPs per step
 (counted once by torch.utils.flop_counter on the torch path: SiT forward+backward, DINOv2 forward)
@@ -18,18 +22,28 @@ relative difference of the mean loss over all (warm-up + timed) steps from the t
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from generate import time_shift_for_shape  # noqa: E402
+from preprocessing.encoders import LatentEncoder  # noqa: E402
+from preprocessing.loader import ShardLoader  # noqa: E402
+from preprocessing.shards import ShardDataset, write_dataset  # noqa: E402
+
+TRACK = "imagenet256_400k"
+TRACK_GLOBAL_BATCH = 256  # the track's global batch: 32 per GPU on 8 GPUs
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
@@ -60,10 +74,43 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes * 5 / (start.elapsed_time(end) / 1e3) / 1e9  # bytes read + written
 
 
-class SRDiTStep:
-    """One training step of train.py's SR-DiT configuration, with its state."""
+class RandomLatents(LatentEncoder):
+    """Seeded random latents of the track's shape for the synthetic dataset: the benchmark needs
+    the shapes and the data path, not an encoder (benchmarks/bench_encode.py times INVAE)."""
+    name = "random"
 
-    def __init__(self, variant: str, batch: int, device: torch.device, seed: int = 0):
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape, self.rng = shape, np.random.default_rng(0)
+
+    def latent_shape(self, image_shape):
+        return self.shape
+
+    def encode(self, images):
+        return self.rng.standard_normal((len(images), *self.shape), dtype=np.float32)
+
+    def decode(self, latents):
+        raise NotImplementedError("the benchmark's latents are random numbers, not images")
+
+
+def synthetic_dataset(root: Path, track: dict, samples: int) -> ShardDataset:
+    """A shard dataset shaped like the track's (uint8 images at its resolution, latents of its
+    shape, labels of its classes), written once and read through train.py's loader."""
+    data = track["dataset"]
+    g = np.random.default_rng(0)
+    res, n_cls = data["resolution"], data["num_classes"]
+    images = g.integers(0, 256, (samples, res, res, 3), dtype=np.uint8)
+    labels = g.integers(0, n_cls, samples)
+    write_dataset(root, "bench", {data["train_split"]: (images, labels)},
+                  RandomLatents(tuple(data["latent_shape"])), [str(i) for i in range(n_cls)])
+    return ShardDataset(root, data["train_split"])
+
+
+class SRDiTStep:
+    """train.py's SR-DiT step (train.Stepper: loader batch, noise, teacher, loss, backward,
+    clipping, AdamW, EMA) on one GPU, with the model, optimiser and accelerator train() builds."""
+
+    def __init__(self, variant: str, batch: int, device: torch.device, dataset: ShardDataset,
+                 model: str = "", seed: int = 0):
         """variant: 'torch' or 'triton' (--kernels), optionally '+compile' (--compile true),
         '+nondeterministic' (--deterministic false) and, with triton, '+flash' (the Triton
         flash-attention kernel instead of the QK-norm/RoPE kernel feeding SDPA)."""
@@ -72,66 +119,56 @@ class SRDiTStep:
         if unknown:
             raise ValueError(f"unknown variant parts {sorted(unknown)} in {variant!r}")
         compile = "compile" in extras
-        self.variant = variant
-        self.cfg = train.parse_config(["--track", "imagenet256_400k", "--kernels", kernels,
-                                       "--compile", str(compile),
-                                       "--deterministic", str("nondeterministic" not in extras)])
-        self.track = train.load_track("imagenet256_400k")
-        self.batch, self.device = batch, device
-        torch.manual_seed(seed)
-        self.teacher = train.DinoV2Teacher(self.track["dataset"]["resolution"], random_init=True).to(device)
-        model = train.build_model(self.cfg, self.track, self.teacher.dims).to(device)
-        self.backend = train.set_kernels(model, kernels, device, flash_attention="flash" in extras)
-        self.n_params = train.count_parameters(model)
-        import copy
-        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
-        self.raw = model
-        self.model = torch.compile(model) if compile else model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                     weight_decay=self.cfg.weight_decay, fused=device.type == "cuda")  # as train.py
-        self.shape = tuple(self.track["dataset"]["latent_shape"])
-        self.time_shift = time_shift_for_shape(self.shape, self.cfg.time_shift_base)
-        res = self.track["dataset"]["resolution"]
-        g = torch.Generator().manual_seed(seed)
-        # a few pinned host batches to cycle through, as a loader would hand them over
-        pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
-        self.latents = [pin(torch.randn(batch, *self.shape, generator=g)) for _ in range(4)]
-        self.images = [pin(torch.randint(0, 256, (batch, res, res, 3), generator=g, dtype=torch.uint8))
-                       for _ in range(4)]
-        self.labels = [torch.randint(0, 1000, (batch,), generator=g) for _ in range(4)]
-        self.noise_for = train.NoisePrefetch(self.draw)  # as train.py: drawn a step ahead on a thread
+        self.variant, self.batch, self.device, self.next_step = variant, batch, device, 0
+        # one process holds the batch a rank of the track's run holds (its global batch / 8)
+        self.cfg = cfg = train.parse_config(
+            ["--track", TRACK, "--kernels", kernels, "--compile", str(compile), "--seed", str(seed),
+             "--deterministic", str("nondeterministic" not in extras), "--global_batch", str(batch)]
+            + (["--model", model] if model else []))
+        self.track = track = train.load_track(TRACK)
+        accelerator = train.make_accelerator(cfg)
+        if accelerator.device.type != device.type:
+            raise RuntimeError(f"accelerate chose {accelerator.device}, not {device}")
+        train.set_determinism(cfg.deterministic)
+        torch.manual_seed(cfg.seed)
+        teacher = train.DinoV2Teacher(track["dataset"]["resolution"], random_init=True).to(device)
+        net = train.build_model(cfg, track, teacher.dims)
+        self.backend = train.set_kernels(net, kernels, device, flash_attention="flash" in extras,
+                                         compiled=compile)
+        self.n_params = train.count_parameters(net)
+        ema = copy.deepcopy(net).requires_grad_(False).eval()
+        optimizer = train.make_optimizer(cfg, net, device)
+        net, optimizer = accelerator.prepare(torch.compile(net) if compile else net, optimizer)
+        ema.to(device)
+        loader = ShardLoader(None, track["dataset"]["train_split"], cfg.global_batch, cfg.seed,
+                             with_images=True, pin_memory=device.type == "cuda", dataset=dataset)
+        unwrapped = train.unwrap_model(accelerator, net)
+        self.stepper = train.Stepper(cfg, accelerator, net, teacher, optimizer, ema, loader,
+                                     train.noise_source(cfg, track, unwrapped),
+                                     track["dataset"]["num_classes"])
+        # the draw a rank of the track's run makes: the noise of the whole global batch
+        self.track_noise = train.noise_source(dataclasses.replace(cfg, global_batch=TRACK_GLOBAL_BATCH),
+                                              track, unwrapped)
+        net.train()
 
-    def draw(self, step: int) -> "train.StepNoise":
-        cfg = self.cfg
-        return train.draw_step_noise(train.step_generator(cfg.seed, step), cfg.global_batch, self.shape,
-                                     cfg.class_dropout, self.time_shift, self.raw.opts.reg_dim,
-                                     self.raw.num_patches, cfg.sprint_drop_ratio, cfg.sprint_path_drop)
+    def __call__(self) -> float:
+        """The next step, exactly as train()'s loop runs it; returns its loss."""
+        loss, _ = self.stepper.forward_backward(self.next_step)
+        self.stepper.update()
+        self.next_step += 1
+        return loss
 
-    def __call__(self, step: int) -> torch.Tensor:
-        cfg, dev = self.cfg, self.device
-        train.set_determinism(cfg.deterministic)  # as train.train sets
-        local = self.noise_for(step).slice(slice(0, self.batch), dev)
-        k = step % len(self.latents)
-        x0 = self.latents[k].to(dev, non_blocking=True)
-        images = self.images[k].to(dev, non_blocking=True)
-        y = self.labels[k].to(dev, non_blocking=True)
-        negatives = torch.roll(local.eps - x0, 1, dims=0)  # CFM: the batch's targets rolled by one
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            teacher_out = self.teacher(images)
-            loss, _ = train.training_loss(self.model, cfg, x0, y, local, 1000, teacher_out, negatives)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        train.update_ema(self.ema, self.raw, cfg.ema_decay)
-        return loss.detach()
+    def close(self) -> None:
+        self.stepper.loader.close()
+        self.stepper.noise_for.close()
+        self.track_noise.close()
 
 
 def count_flops(step: SRDiTStep) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
-        step(10_000)
+        step()
     return float(counter.get_total_flops())
 
 
@@ -143,26 +180,27 @@ def sync(device: torch.device) -> None:
 def time_steps(step: SRDiTStep, warmup: int, steps: int) -> tuple[float, float, float]:
     """(median ms/step, mean loss over all steps, seconds of warm-up incl. compilation)."""
     t0 = time.perf_counter()
-    losses = [step(s) for s in range(warmup)]
+    losses = [step() for _ in range(warmup)]
     sync(step.device)
     warm = time.perf_counter() - t0
     times = []
-    for s in range(steps):
+    for _ in range(steps):
         a = time.perf_counter()
-        losses.append(step(warmup + s))
+        losses.append(step())
         sync(step.device)
         times.append(time.perf_counter() - a)
-    return statistics.median(times) * 1e3, float(torch.stack(losses).double().mean()), warm
+    return statistics.median(times) * 1e3, statistics.fmean(losses), warm
 
 
 def noise_draw_ms(step: SRDiTStep, reps: int = 10) -> float:
+    """CPU time of one step's draws for the track's global batch (what each rank draws)."""
     t0 = time.perf_counter()
     for s in range(reps):
-        step.draw(s)
+        step.track_noise.draw(s)
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def profile(step: SRDiTStep, first: int, steps: int, path: Path | None) -> dict:
+def profile(step: SRDiTStep, steps: int, path: Path | None) -> dict:
     """Device busy time per step (the sum of kernel times) against the wall time: a step far from
     busy is bound by the host (launches, syncs, the noise draw), not by the GPU's arithmetic."""
     from torch.profiler import ProfilerActivity
@@ -170,8 +208,8 @@ def profile(step: SRDiTStep, first: int, steps: int, path: Path | None) -> dict:
     sync(step.device)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for s in range(steps):
-            step(first + s)
+        for _ in range(steps):
+            step()
         sync(step.device)
         wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
@@ -201,13 +239,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--out_dir", default=None, help="where profile tables go")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the code path (timings mean nothing)")
+    p.add_argument("--model", default="", help="another SiT than the track's (e.g. SiT-S/1 for a smoke run)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu_step: no CUDA GPU here (use --device cpu for a smoke run)")
         return 1
-    torch.backends.cuda.matmul.allow_tf32 = True  # as train.make_accelerator sets on GPU
-    torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # train.make_accelerator then stays on the CPU
     if device.type == "cuda":
         name, peak, bw = torch.cuda.get_device_name(device), matmul_peak_tflops(device), copy_bandwidth_gbs(device)
     else:
@@ -220,10 +259,14 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_gpu_step_")
+    # four batches of samples: the loader reshuffles every four steps, as it would every epoch
+    dataset = synthetic_dataset(Path(tmp.name) / "data", train.load_track(TRACK), 4 * args.batch)
     for variant in args.variants.split(","):
         label = f"train.py {variant}"
+        step = None
         try:
-            step = SRDiTStep(variant, args.batch, device)
+            step = SRDiTStep(variant, args.batch, device, dataset, args.model)
             ms, loss, warm = time_steps(step, args.warmup, args.steps)
             if flops is None:  # counted once, on the first variant after its timing
                 flops, draw_ms = count_flops(step), noise_draw_ms(step)
@@ -237,11 +280,13 @@ def main(argv=None) -> int:
                    "loss_rel_diff": abs(loss - reference_loss) / abs(reference_loss), "warmup_s": warm}
             if args.profile_steps:
                 table = out_dir / "profiles.txt" if out_dir else None
-                row |= profile(step, 1000, args.profile_steps, table)
-            step.noise_for.close()
-            del step
+                row |= profile(step, args.profile_steps, table)
         except Exception as e:  # report and go on: one broken variant must not hide the others
             row = {"variant": label, "error": f"{e.__class__.__name__}: {str(e)[:300]}"}
+        finally:
+            if step is not None:
+                step.close()
+            del step
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         if device.type == "cuda":
@@ -261,7 +306,8 @@ def main(argv=None) -> int:
             row = {"variant": "public SR-DiT code", "error": f"{e.__class__.__name__}: {str(e)[:1500]}"}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n### SR-DiT SiT-B/1 training step, batch {args.batch}/GPU, bf16, on {name}\n")
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    print(f"\n### SR-DiT {args.model or 'SiT-B/1'} training step, batch {args.batch}/GPU, {precision}, on {name}\n")
     print("| variant | ms/step | images/s | MFU | device busy ms/step | kernels/step | mean-loss rel. diff |\n"
           "|---|---|---|---|---|---|---|")
     for r in results["rows"]:
@@ -274,6 +320,7 @@ def main(argv=None) -> int:
                   f"{r.get('kernel_launches', '')} | {diff} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    tmp.cleanup()
     return 0
 
 

@@ -50,3 +50,27 @@ def test_benchmark_tables(bench, capsys):
         assert re.fullmatch(r"[0-9.]+", rows[name][0]), rows[name]  # a timing, not n/a
     for backend in ("flash", "cuDNN", "efficient"):  # listed even where unsupported (n/a)
         assert f"SDPA {backend}" in rows
+
+
+@pytest.mark.slow
+def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatch):
+    """benchmarks/bench_gpu_step.py times train.py's own step (train.Stepper over a ShardLoader of
+    a synthetic dataset); a CPU smoke run with a small SiT: two variants with the same data and
+    draws give the same losses, and the table and JSON report them."""
+    import json
+    spec = importlib.util.spec_from_file_location("bench_gpu_step",
+                                                  ROOT / "benchmarks" / "bench_gpu_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "step.json"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # main() sets it for --device cpu; restored after
+    assert mod.main(["--device", "cpu", "--model", "SiT-S/1", "--batch", "2", "--steps", "2",
+                     "--warmup", "1", "--variants", "torch,torch+nondeterministic",
+                     "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["train.py torch", "train.py torch+nondeterministic"]
+    assert all("error" not in r for r in rows), rows
+    assert rows[1]["loss_rel_diff"] < 1e-6 and rows[0]["ms"] > 0
+    assert "| train.py torch | " in text
+    assert json.loads(out.read_text())["flops_per_step"] > 0
