@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check the harness owes, in one go, on one CUDA machine (about 8 minutes on an H100):
+# Every GPU check the harness owes, on one CUDA machine (about 12 minutes on an H100; the device
+# tool allows 10 minutes per command, so run it as two calls, e.g. --parts "kernels_tests
+# kernels_bench step" then --parts "step_compile extraction encode"):
 #   bash benchmarks/gpu_suite.sh [out_dir] [--public path/to/time_step.py] [--parts "step kernels_tests ..."]
 # Parts: kernels_tests, step (eager training step, kernels off/on, deterministic or not, profiled;
 # the public SR-DiT code when --public names its timing script), kernels_bench, extraction,
@@ -44,11 +46,11 @@ part step 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 
   --variants torch,triton,triton+flash,triton+nondeterministic "${PUBLIC[@]}" \
   --json "$OUT_DIR/step.json" --out_dir "$OUT_DIR"
 # 3. attention and modulated-norm tables against every SDPA backend and the unfused chains
-part kernels_bench 80 "$PY" benchmarks/bench_kernels.py --compile
+part kernels_bench 120 "$PY" benchmarks/bench_kernels.py --compile
 # 4. evaluation feature extraction (Inception port + DINOv2-L/14 in fp32 and TF32, random weights)
 part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
-# 5. the torch.compile'd step
-part step_compile 100 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
-  --variants torch+compile,triton+compile
+# 5. the torch.compile'd step: torch path, and the kernels as custom ops inside the graph
+part step_compile 200 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
+  --variants torch+compile,triton+compile,triton+flash+compile
 # 6. INVAE encode for preprocessing
 part encode 40 "$PY" benchmarks/bench_encode.py --images 1024 --batch 64
