@@ -298,15 +298,22 @@ def bench_modulation(args, device) -> None:
                 o = fn(*leaves)
                 torch.autograd.grad(o if isinstance(o, tuple) else (o,), used, grads)
             t_fb = measure_ms(fwd_bwd, device, args.reps, args.warmup)
+            g_f = measure_graphed_ms(lambda: fn(*inputs), device)
+            g_fb = measure_graphed_ms(fwd_bwd, device)
         except Exception as e:
-            rows.append([name, "n/a", "", "n/a", "", f"unsupported: {str(e)[:60]}"])
+            rows.append([name, "n/a", "", "n/a", "", "n/a", "", "n/a", "",
+                         f"unsupported: {str(e)[:60]}"])
             continue
         nbytes = b * n * c * elt
         rows.append([name, fmt(t_f, 4), fmt(moved[kind][0] * nbytes / t_f / 1e6, 0),
-                     fmt(t_fb, 4), fmt(moved[kind][1] * nbytes / t_fb / 1e6, 0), f"{err:.2e}"])
+                     fmt(t_fb, 4), fmt(moved[kind][1] * nbytes / t_fb / 1e6, 0),
+                     fmt(g_f, 4), fmt(g_f and moved[kind][0] * nbytes / g_f / 1e6, 0),
+                     fmt(g_fb, 4), fmt(g_fb and moved[kind][1] * nbytes / g_fb / 1e6, 0),
+                     f"{err:.2e}"])
     print_table(f"adaLN modulated RMSNorm x=[{b}, {n}, {c}] {args.dtype} on {device_name(device)}",
                 ["implementation", "fwd ms", "fwd GB/s", "fwd+bwd ms", "fwd+bwd GB/s",
-                 "err vs fp64"], rows)
+                 "graphed fwd ms", "graphed fwd GB/s", "graphed fwd+bwd ms",
+                 "graphed fwd+bwd GB/s", "err vs fp64"], rows)
 
 
 def device_name(device: torch.device) -> str:
