@@ -33,14 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from preprocessing.encoders import LatentEncoder  # noqa: E402
 from preprocessing.loader import ShardLoader  # noqa: E402
-from preprocessing.shards import ShardDataset, write_dataset  # noqa: E402
+from preprocessing.shards import ShardDataset  # noqa: E402
+from preprocessing.synthetic import write_synthetic_dataset  # noqa: E402
 
 TRACK = "imagenet256_400k"
 TRACK_GLOBAL_BATCH = 256  # the track's global batch: 32 per GPU on 8 GPUs
@@ -74,34 +73,13 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes * 5 / (start.elapsed_time(end) / 1e3) / 1e9  # bytes read + written
 
 
-class RandomLatents(LatentEncoder):
-    """Seeded random latents of the track's shape for the synthetic dataset: the benchmark needs
-    the shapes and the data path, not an encoder (benchmarks/bench_encode.py times INVAE)."""
-    name = "random"
-
-    def __init__(self, shape: tuple[int, int, int]):
-        self.shape, self.rng = shape, np.random.default_rng(0)
-
-    def latent_shape(self, image_shape):
-        return self.shape
-
-    def encode(self, images):
-        return self.rng.standard_normal((len(images), *self.shape), dtype=np.float32)
-
-    def decode(self, latents):
-        raise NotImplementedError("the benchmark's latents are random numbers, not images")
-
-
 def synthetic_dataset(root: Path, track: dict, samples: int) -> ShardDataset:
-    """A shard dataset shaped like the track's (uint8 images at its resolution, latents of its
-    shape, labels of its classes), written once and read through train.py's loader."""
+    """A shard dataset shaped like the track's (random uint8 images at its resolution, latents
+    of its shape, labels of its classes), read through train.py's loader."""
     data = track["dataset"]
-    g = np.random.default_rng(0)
-    res, n_cls = data["resolution"], data["num_classes"]
-    images = g.integers(0, 256, (samples, res, res, 3), dtype=np.uint8)
-    labels = g.integers(0, n_cls, samples)
-    write_dataset(root, "bench", {data["train_split"]: (images, labels)},
-                  RandomLatents(tuple(data["latent_shape"])), [str(i) for i in range(n_cls)])
+    write_synthetic_dataset(root, samples, resolution=data["resolution"],
+                            latent_shape=tuple(data["latent_shape"]), num_classes=data["num_classes"],
+                            split=data["train_split"])
     return ShardDataset(root, data["train_split"])
 
 
