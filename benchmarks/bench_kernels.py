@@ -6,7 +6,8 @@
                                        # smoke run on CPU (interpreter: the timings mean nothing)
 
 Tables:
- 1. attention forward and forward+backward: our Triton kernel (plain, and with the fused
+ 1. attention forward and forward+backward: our Triton kernel (plain, plain with PyTorch's
+    deterministic algorithms on -- its backward then has no atomics --, and with the fused
     QK-RMSNorm + 2D-RoPE prologue) against every SDPA backend PyTorch offers (flash, cuDNN,
     efficient, math) and against the unfused PyTorch chain (RMSNorm, RoPE, SDPA); and the
     stand-alone Triton prologue (kernels.qk_norm_rope) feeding SDPA, as train.py runs it.
@@ -31,6 +32,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,14 +136,33 @@ def sdpa_backends() -> dict[str, object]:
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
+@contextmanager
+def deterministic_algorithms(on: bool):
+    """torch.use_deterministic_algorithms(on) for the block (warn-only), restored after."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
-    """(name, uses_prologue, packed, fn) for every implementation benchmarked. Unpacked fns take
-    (q, k, v) [B, H, N, D] and return [B, H, N, D]; packed fns take the qkv Linear's output
-    [B, N, 3C] and return [B, N, C] ready for the projection (layout changes included)."""
+    """(name, uses_prologue, packed, deterministic, fn) for every implementation benchmarked.
+    Unpacked fns take (q, k, v) [B, H, N, D] and return [B, H, N, D]; packed fns take the qkv
+    Linear's output [B, N, 3C] and return [B, N, C] ready for the projection (layout changes
+    included). `deterministic`: run with PyTorch's deterministic algorithms on (train.py's
+    default), which switches our backward from atomic dq to dQ programs of its own; every other
+    row runs with PyTorch's default (off), as SDPA's cuDNN backward does."""
     from torch.nn.attention import sdpa_kernel
 
     pro = dict(rope=rope, q_norm_weight=qw, k_norm_weight=kw)
-    impls = [("triton", False, False, lambda q, k, v: kernels.attention(q, k, v, backend="triton")),
+
+    def triton_attention(q, k, v):
+        return kernels.attention(q, k, v, backend="triton")
+    impls = [("triton", False, False, triton_attention),
+             ("triton, deterministic backward", False, False, triton_attention),
              ("triton + qknorm + rope", True, False,
               lambda q, k, v: kernels.attention(q, k, v, backend="triton", **pro))]
     for name, backend in sdpa_backends().items():
@@ -183,7 +204,7 @@ def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
         return prologue_sdpa(q, k, v).transpose(1, 2).reshape(b, n, c3 // 3)
     impls.append(("from qkv: triton qk_norm_rope + SDPA default, head merge", True, True,
                   prologue_sdpa_packed))
-    return impls
+    return [(name, pro_, packed, "deterministic" in name, fn) for name, pro_, packed, fn in impls]
 
 
 def bench_attention(args, device) -> None:
@@ -208,19 +229,20 @@ def bench_attention(args, device) -> None:
     bytes_fwd = 4 * b * h * n * d * elt
     bytes_fwdbwd = bytes_fwd + 8 * b * h * n * d * elt
     rows = []
-    for name, pro, packed, fn in attention_impls(rope, qw, kw, h, args.compile):
+    for name, pro, packed, det, fn in attention_impls(rope, qw, kw, h, args.compile):
         inputs = (qkv,) if packed else (q, k, v)
         ref = refs[pro].transpose(1, 2).reshape(b, n, h * d) if packed else refs[pro]
         try:
-            err = (fn(*inputs).double() - ref).abs().max().item()
-            t_f = measure_ms(lambda: fn(*inputs), device, args.reps, args.warmup)
-            leaves = [t.detach().requires_grad_() for t in inputs]
+            with deterministic_algorithms(det):
+                err = (fn(*inputs).double() - ref).abs().max().item()
+                t_f = measure_ms(lambda: fn(*inputs), device, args.reps, args.warmup)
+                leaves = [t.detach().requires_grad_() for t in inputs]
 
-            def fwd_bwd():
-                torch.autograd.grad(fn(*leaves), leaves, do_packed if packed else do)
-            t_fb = measure_ms(fwd_bwd, device, args.reps, args.warmup)
-            g_f = measure_graphed_ms(lambda: fn(*inputs), device)
-            g_fb = measure_graphed_ms(fwd_bwd, device)
+                def fwd_bwd():
+                    torch.autograd.grad(fn(*leaves), leaves, do_packed if packed else do)
+                t_fb = measure_ms(fwd_bwd, device, args.reps, args.warmup)
+                g_f = measure_graphed_ms(lambda: fn(*inputs), device)
+                g_fb = measure_graphed_ms(fwd_bwd, device)
         except Exception as e:  # a backend that does not support this shape/dtype/GPU
             rows.append([name, "n/a", "", "", "n/a", "", "", "n/a", "", "n/a", "", "",
                          f"unsupported: {type(e).__name__}: {str(e)[:60]}"])

@@ -85,10 +85,21 @@ def assert_kernel_accurate(tensors, tables, dtype, **kw):
     return ref, same
 
 
+@pytest.fixture(params=["deterministic", "atomic dq"])
+def dq_mode(request):
+    """Both backward schemes: with PyTorch's deterministic algorithms on, dQ programs of their
+    own; off (PyTorch's default), dq added with atomics by the dK/dV programs."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(request.param == "deterministic", warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prologue", ["plain", "qknorm+rope"])
 @pytest.mark.parametrize("n", [1, 17, 64, 257])
-def test_attention_matches_fp64(n, prologue, dtype):
+def test_attention_matches_fp64(n, prologue, dtype, dq_mode):
     with_prologue = prologue != "plain"
     tensors, tables = make_inputs(n, norm=with_prologue, rope=with_prologue, seed=n)
     ref, same = assert_kernel_accurate(tensors, tables, dtype)
@@ -149,7 +160,7 @@ def forced_tiles(block_m: int, block_n: int):
 
 
 @pytest.mark.parametrize("tiles", [(32, 64), (128, 32)], ids=str)
-def test_attention_unequal_tiles(tiles):
+def test_attention_unequal_tiles(tiles, dq_mode):
     """Other tile shapes (the GPU autotuner picks among several): several query/key blocks,
     ragged tails, and a different number of partial-sum rows for the norm weights."""
     tensors, tables = make_inputs(100, seed=100)
@@ -158,7 +169,7 @@ def test_attention_unequal_tiles(tiles):
 
 
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "qknorm+rope"])
-def test_attention_never_reads_rows_past_the_sequence(prologue):
+def test_attention_never_reads_rows_past_the_sequence(prologue, dq_mode):
     """Full tiles are loaded without masks; the rows after the last token must never be read.
     q, k, v and the output gradient are views into buffers whose extra rows hold NaN: one
     unmasked read past N would poison the output or a gradient (checked against fp64)."""
@@ -188,6 +199,22 @@ def test_attention_never_reads_rows_past_the_sequence(prologue):
             assert torch.isfinite(t).all(), f"tiles {tiles}: a row past N was read"
         assert (out.double() - ref[0]).abs().max().item() < 1e-4
 
+def test_backward_scheme_follows_pytorch_determinism(monkeypatch, dq_mode):
+    """The atomic-dq backward (then the q prologue's chain rule as a separate pass) runs only when
+    PyTorch's deterministic algorithms are off; both give the same gradients to rounding."""
+    calls = []
+    real = attention_mod._launch_prologue_bwd
+    monkeypatch.setattr(attention_mod, "_launch_prologue_bwd",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    tensors, tables = make_inputs(33, seed=3)
+    got = run("triton", torch.float32, tensors, tables)
+    assert len(calls) == (1 if dq_mode == "atomic dq" else 0)
+    torch.use_deterministic_algorithms(dq_mode != "deterministic", warn_only=True)
+    other = run("triton", torch.float32, tensors, tables)
+    for a, b in zip(got, other):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_check_rejects_a_wrong_prologue():
     """Negative control: the rule is tight enough to catch a kernel that skips the QK-norm."""
     tensors, tables = make_inputs(17, seed=1)
@@ -199,7 +226,7 @@ def test_check_rejects_a_wrong_prologue():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_attention_packed_qkv(dtype):
+def test_attention_packed_qkv(dtype, dq_mode):
     """attention_packed reads q/k/v from one [B, N, 3C] tensor and returns one packed gradient."""
     b, n, heads, d = 3, 33, 3, 32
     g = torch.Generator().manual_seed(11)

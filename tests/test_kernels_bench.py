@@ -37,7 +37,7 @@ def test_benchmark_tables(bench, capsys):
                 "--warmup", "0"])
     out = capsys.readouterr().out
     rows = table_rows(out)
-    expected = ["triton", "triton + qknorm + rope", "SDPA math",
+    expected = ["triton", "triton, deterministic backward", "triton + qknorm + rope", "SDPA math",
                 "PyTorch chain: rmsnorm, rope, SDPA",
                 "from qkv: triton attention_packed + qknorm + rope",
                 "from qkv: PyTorch permute, chain, head merge", "triton modulated_rmsnorm",
