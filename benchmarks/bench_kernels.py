@@ -32,7 +32,6 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,18 +135,6 @@ def sdpa_backends() -> dict[str, object]:
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-@contextmanager
-def deterministic_algorithms(on: bool):
-    """torch.use_deterministic_algorithms(on) for the block (warn-only), restored after."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
 def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
     """(name, uses_prologue, packed, deterministic, fn) for every implementation benchmarked.
     Unpacked fns take (q, k, v) [B, H, N, D] and return [B, H, N, D]; packed fns take the qkv
@@ -233,7 +220,7 @@ def bench_attention(args, device) -> None:
         inputs = (qkv,) if packed else (q, k, v)
         ref = refs[pro].transpose(1, 2).reshape(b, n, h * d) if packed else refs[pro]
         try:
-            with deterministic_algorithms(det):
+            with kernels.deterministic_algorithms(det):
                 err = (fn(*inputs).double() - ref).abs().max().item()
                 t_f = measure_ms(lambda: fn(*inputs), device, args.reps, args.warmup)
                 leaves = [t.detach().requires_grad_() for t in inputs]

@@ -89,11 +89,8 @@ def assert_kernel_accurate(tensors, tables, dtype, **kw):
 def dq_mode(request):
     """Both backward schemes: with PyTorch's deterministic algorithms on, dQ programs of their
     own; off (PyTorch's default), dq added with atomics by the dK/dV programs."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(request.param == "deterministic", warn_only=True)
-    yield request.param
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    with kernels.deterministic_algorithms(request.param == "deterministic"):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -209,8 +206,8 @@ def test_backward_scheme_follows_pytorch_determinism(monkeypatch, dq_mode):
     tensors, tables = make_inputs(33, seed=3)
     got = run("triton", torch.float32, tensors, tables)
     assert len(calls) == (1 if dq_mode == "atomic dq" else 0)
-    torch.use_deterministic_algorithms(dq_mode != "deterministic", warn_only=True)
-    other = run("triton", torch.float32, tensors, tables)
+    with kernels.deterministic_algorithms(dq_mode != "deterministic"):
+        other = run("triton", torch.float32, tensors, tables)
     for a, b in zip(got, other):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
