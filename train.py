@@ -99,8 +99,9 @@ class Config:
     ema_decay: float = flag(0.9999, "EMA decay of the weights used for sampling")
     seed: int = flag(0, "seed of the model init, the data order and every step's noise")
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
-    compile: bool = flag(False, "torch.compile the model (on a GPU the fastest setting: 2.7x the public SR-DiT "
-                                "step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of compilation first)")
+    compile: bool = flag(False, "torch.compile the model and the REPA/REG teacher (on a GPU the fastest setting: "
+                                "2.7x the public SR-DiT step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of "
+                                "compilation first)")
     deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
     kernels: str = flag("auto", "triton (kernels/: one fused QK-norm + RoPE pass before SDPA, and with --norm "
@@ -953,6 +954,12 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
+def compile_for_training(cfg: Config, module: nn.Module) -> nn.Module:
+    """torch.compile'd with --compile true: the SiT and the REPA/REG teacher (whose eager
+    forward would otherwise launch a few hundred kernels per step), else as is."""
+    return torch.compile(module) if cfg.compile else module
+
+
 def make_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with a constant learning rate (fused kernels on CUDA)."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -1099,8 +1106,9 @@ def train(cfg: Config) -> dict:
             if prior[key] != getattr(cfg, key):
                 raise ConfigError(f"cannot resume {resume_path}: it was trained with {key}={prior[key]!r}, "
                                  f"this run has {getattr(cfg, key)!r}")
-    if cfg.compile:
-        model = torch.compile(model)
+    model = compile_for_training(cfg, model)
+    if teacher is not None:
+        teacher = compile_for_training(cfg, teacher)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     # this rank's slice of every global batch from start_step on; its thread starts at the first batch

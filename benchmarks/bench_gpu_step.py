@@ -116,7 +116,8 @@ class SRDiTStep:
         self.n_params = train.count_parameters(net)
         ema = copy.deepcopy(net).requires_grad_(False).eval()
         optimizer = train.make_optimizer(cfg, net, device)
-        net, optimizer = accelerator.prepare(torch.compile(net) if compile else net, optimizer)
+        teacher = train.compile_for_training(cfg, teacher)
+        net, optimizer = accelerator.prepare(train.compile_for_training(cfg, net), optimizer)
         ema.to(device)
         loader = ShardLoader(None, track["dataset"]["train_split"], cfg.global_batch, cfg.seed,
                              with_images=True, pin_memory=device.type == "cuda", dataset=dataset)
