@@ -37,9 +37,10 @@ part() {  # part <name> <seconds> <command...>
 { nvidia-smi; "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"; } > "$OUT_DIR/env.log" 2>&1
 tail -n 1 "$OUT_DIR/env.log"
 # 1. the kernel tests, bf16 included, compiled for this GPU (-v: names stream into the log even if
-#    the limit cuts the run short; tests/test_kernels_compile.py is the CPU-only ahead-of-time build)
-part kernels_tests 130 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider -n 8 tests/test_kernels_attention.py \
-  tests/test_kernels_norm.py tests/test_kernels_rope.py
+#    the limit cuts the run short; tests/test_kernels_compile.py is the CPU-only ahead-of-time build;
+#    the custom-op checks on CUDA tensors, without the whole-model test, which runs interpreted)
+part kernels_tests 160 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider -n 8 tests/test_kernels_attention.py \
+  tests/test_kernels_norm.py tests/test_kernels_rope.py tests/test_kernels_ops.py -k "not whole_model"
 # 2. the end-to-end SR-DiT training step: kernels off vs on (prologue + SDPA, or the Triton flash
 #    kernel), deterministic or not (and the public code)
 part step 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 5 --profile_steps 3 \
