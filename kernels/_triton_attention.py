@@ -5,13 +5,14 @@ interpreter switched on (for CPU tensors) and once without (for CUDA tensors), s
 kernel objects exist in one process whatever TRITON_INTERPRET said when the process started.
 
 Layout: q, k, v, o are [B, H, N, D] views with unit stride on D (any other strides).
-Every head vector is loaded as two [rows, D/2] tiles x1, x2 holding the two members of each RoPE
-pair: (x[2j], x[2j+1]) when INTERLEAVED, else (x[j], x[j + D/2]). RoPE rotates (x1[j], x2[j]) by
-the angle of table column j (cos/sin tables [N, D/2], optionally [B, N, D/2]); the QK-norm and
-q.k = q1.k1 + q2.k2 do not care about the channel order, so each tile is one tl.dot operand and
-no register shuffles are needed. Without RoPE the split-halves loads (contiguous) are used.
-Prologue order (as in SR-DiT): RMSNorm over D with affine weight, then RoPE.
-Softmax runs in base 2: the scale 1/sqrt(D) * log2(e) is folded into q, and LSE is stored in base 2.
+Every tile is loaded row-contiguously as [rows, D] in its storage dtype and used whole as a
+tl.dot operand (K = D). Where the prologue applies, the tile is split in registers into the two
+[rows, D/2] members x1, x2 of each RoPE pair -- (x[2j], x[2j+1]) when INTERLEAVED, else
+(x[j], x[j + D/2]) -- which RoPE rotates by the angle of table column j (cos/sin tables
+[N, D/2], optionally [B, N, D/2]), and joined back. Prologue order (as in SR-DiT): RMSNorm over
+D with affine weight, then RoPE, in fp32.
+Softmax runs in base 2: logits are scaled by 1/sqrt(D) * log2(e) in fp32 after the dot, and the
+logsumexp is stored in base 2.
 """
 import triton
 import triton.language as tl
@@ -21,7 +22,6 @@ from . import _loader
 INTERPRET = bool(triton.knobs.runtime.interpret)
 _common = _loader.load("common", INTERPRET)  # _sum / _max, decorated in this file's mode
 _sum, _max = _common._sum, _common._max
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +67,6 @@ def _prologue_bwd(g1, g2, x1, x2, w1, w2, c, s, eps, HAS_NORM: tl.constexpr,
         g1 = r[:, None] * (gu1 - u1 * proj[:, None])
         g2 = r[:, None] * (gu2 - u2 * proj[:, None])
     return g1, g2, dw1, dw2
-
 
 
 @triton.jit
