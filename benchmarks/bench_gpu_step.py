@@ -1,7 +1,9 @@
 """End-to-end SR-DiT training step on one GPU: images/s, MFU, kernels on vs off.
 
-    python benchmarks/bench_gpu_step.py [--batch 32] [--steps 20] [--compile] [--json out.json]
-                                        [--public .srdit/time_step.py]
+    python benchmarks/bench_gpu_step.py [--batch 32] [--steps 20] [--json out.json]
+        [--variants torch,triton,torch+compile,triton+flash,...] [--public .srdit/time_step.py]
+    python benchmarks/bench_gpu_step.py --device cpu --model SiT-S/1 --batch 2 --steps 1
+        # a smoke run of the code path on CPU (the timings mean nothing)
 
 The step is train.py's own (train.Stepper, with the model, optimiser and accelerator train()
 builds) on the track imagenet256_400k defaults (SR-DiT SiT-B/1 on 32x16x16 INVAE latents, every
