@@ -44,7 +44,6 @@ from preprocessing.shards import ShardDataset  # noqa: E402
 from preprocessing.synthetic import write_synthetic_dataset  # noqa: E402
 
 TRACK = "imagenet256_400k"
-TRACK_GLOBAL_BATCH = 256  # the track's global batch: 32 per GPU on 8 GPUs
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
@@ -128,7 +127,8 @@ class SRDiTStep:
                                      train.noise_source(cfg, track, unwrapped),
                                      track["dataset"]["num_classes"])
         # the draw a rank of the track's run makes: the noise of the whole global batch
-        self.track_noise = train.noise_source(dataclasses.replace(cfg, global_batch=TRACK_GLOBAL_BATCH),
+        track_batch = track["budget"]["global_batch"]
+        self.track_noise = train.noise_source(dataclasses.replace(cfg, global_batch=track_batch),
                                               track, unwrapped)
         net.train()
 
