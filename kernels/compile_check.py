@@ -41,12 +41,13 @@ def _signature(fn, data_ptr: str, consts: dict, overrides: dict | None = None) -
 
 def _aligned(fn, sig) -> dict:
     """Divisibility hints as Triton derives them at launch: every pointer argument (tensors are
-    16-byte aligned) and every stride_* (multiples of 16 at the shapes the harness uses, head_dim
-    >= 32) is specialised as a multiple of 16. Without them the compiler must assume unaligned
+    16-byte aligned), every stride_* and the norm kernels' channel count C (multiples of 16 at
+    the shapes the harness uses: head_dim >= 32, C = 384..1152) are specialised as multiples of
+    16; the sequence length is not (257). Without the hints the compiler must assume unaligned
     rows, so bf16 tiles are loaded element by element and never pipelined with cp.async: the
     PTX would not be the one a GPU runs."""
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if sig[name] != "constexpr" and (sig[name].startswith("*") or
+            if sig[name] != "constexpr" and (sig[name].startswith("*") or name == "C" or
                                              name.startswith("stride_"))}
 
 
