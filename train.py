@@ -749,8 +749,8 @@ def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tens
 # =============================================================================================
 # Data: preprocessing.loader.ShardLoader (memory-mapped shards, a prefetch thread). The global
 # batch at step s is items [s*B, (s+1)*B) of an endless stream of per-epoch permutations seeded
-# by (seed, epoch); rank r takes its contiguous slice of that batch, which train_step splits into
-# grad_accum consecutive micro-batches. The order depends on (seed, step) only.
+# by (seed, epoch); rank r takes its contiguous slice of that batch, which Stepper.forward_backward
+# splits into grad_accum consecutive micro-batches. The order depends on (seed, step) only.
 # =============================================================================================
 
 
