@@ -302,6 +302,33 @@ def attn_fwd(Q, K, V, O, LSE, COS, SIN, QW, KW,
 # TAIL-sized steps as in the forward. No atomics: the result does not depend on scheduling.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """dO, the logsumexp and delta = rowsum(dO * O) of some query rows."""
+    do = _load_tile(DO, offs_m, m_ok, stride_don, HEAD_DIM, MASKED)
+    o = _load_tile(O, offs_m, m_ok, stride_on, HEAD_DIM, MASKED)
+    if MASKED:
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + offs_m)
+    return do, lse, _sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
+def _load_raw_and_prologue(X, W_1, W_2, COS, SIN, offs, ok, stride_xn, stride_cn, eps,
+                           HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
+                           HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                           INTERLEAVED: tl.constexpr):
+    """The raw tile, its RoPE rows and P(tile) in the storage dtype: what a backward program
+    keeps for its own rows (the epilogue's chain rule needs the raw values)."""
+    x = _load_tile(X, offs, ok, stride_xn, HEAD_DIM, MASKED)
+    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
+    p = _prologue_tile(x, W_1, W_2, c, s, eps, HAS_NORM, HAS_ROPE, ROWS, HEAD_DIM,
+                       INTERLEAVED).to(X.dtype.element_ty)
+    return x, c, s, p
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, DQ, COS, SIN, qw1, qw2, start_m, N, stride_qn,
                stride_on, stride_don, stride_dqn, stride_cn, qk_scale, sm_scale, eps,
                HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
@@ -311,13 +338,8 @@ def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, DQ, COS, SIN, qw1, qw2, start_m, N, 
     m_ok = offs_m < N
     q = _load_qk_tile(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn, stride_cn, eps, HEAD_DIM,
                       ROWS, MASKED, HAS_QNORM, HAS_ROPE, INTERLEAVED)
-    do = _load_tile(DO, offs_m, m_ok, stride_don, HEAD_DIM, MASKED)
-    o = _load_tile(O, offs_m, m_ok, stride_on, HEAD_DIM, MASKED)
-    if MASKED:
-        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
-    else:
-        lse = tl.load(LSE + offs_m)
-    delta = _sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    do, lse, delta = _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM,
+                                  MASKED)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     pt = tl.exp2(st - lse[None, :])
     if MASKED:
@@ -346,10 +368,9 @@ def _dkdv_rows(Q, K, V, O, DO, DK, DV, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, st
     """dK, dV of COLS keys from start_n; returns this tile's dL/d k_norm_weight halves."""
     offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
-    kx = _load_tile(K, offs_n, n_ok, stride_kn, HEAD_DIM, MASK_N)
-    kc, ks = _load_rot(COS, SIN, offs_n, n_ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
-    k = _prologue_tile(kx, kw1, kw2, kc, ks, eps, HAS_KNORM, HAS_ROPE, COLS, HEAD_DIM,
-                       INTERLEAVED).to(K.dtype.element_ty)
+    kx, kc, ks, k = _load_raw_and_prologue(K, kw1, kw2, COS, SIN, offs_n, n_ok, stride_kn,
+                                           stride_cn, eps, HEAD_DIM, COLS, MASK_N, HAS_KNORM,
+                                           HAS_ROPE, INTERLEAVED)
     v = _load_tile(V, offs_n, n_ok, stride_vn, HEAD_DIM, MASK_N)
     dk = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
     dv = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
@@ -400,17 +421,11 @@ def _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N, 
     """dQ of ROWS queries from start_m; returns this tile's dL/d q_norm_weight halves."""
     offs_m = start_m + tl.arange(0, ROWS)
     m_ok = offs_m < N
-    qx = _load_tile(Q, offs_m, m_ok, stride_qn, HEAD_DIM, MASK_M)
-    qc, qs = _load_rot(COS, SIN, offs_m, m_ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
-    q = _prologue_tile(qx, qw1, qw2, qc, qs, eps, HAS_QNORM, HAS_ROPE, ROWS, HEAD_DIM,
-                       INTERLEAVED).to(Q.dtype.element_ty)
-    do = _load_tile(DO, offs_m, m_ok, stride_don, HEAD_DIM, MASK_M)
-    o = _load_tile(O, offs_m, m_ok, stride_on, HEAD_DIM, MASK_M)
-    delta = _sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if MASK_M:
-        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
-    else:
-        lse = tl.load(LSE + offs_m)
+    qx, qc, qs, q = _load_raw_and_prologue(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn,
+                                           stride_cn, eps, HEAD_DIM, ROWS, MASK_M, HAS_QNORM,
+                                           HAS_ROPE, INTERLEAVED)
+    do, lse, delta = _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM,
+                                  MASK_M)
     dq = tl.full([ROWS, HEAD_DIM], 0.0, dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
