@@ -26,6 +26,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def fixed_kernel_tiles(monkeypatch):
+    """The attention kernels' first tile config instead of autotuning (KERNELS_AUTOTUNE=0): on a
+    GPU, autotuning every (dtype, head_dim, flags) variant a test file touches would compile
+    ~16 configs each; the interpreter always uses the first. The autotuned path runs in
+    kernels.selfcheck and the benchmarks."""
+    monkeypatch.setenv("KERNELS_AUTOTUNE", "0")
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     from preprocessing.digits import build_digits

@@ -18,6 +18,7 @@ from kernels import flash as attention_mod
 from kernels import reference as R
 from kernels.testing import check, outputs_and_grads
 
+pytestmark = pytest.mark.usefixtures("fixed_kernel_tiles")
 DEVICE = torch.device("cuda" if kernels.triton_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 F64 = torch.float64
@@ -130,14 +131,6 @@ def test_attention_prologue_variants(variant, dtype):
 def test_attention_head_dims(d, dtype):
     tensors, tables = make_inputs(40, d, seed=d)
     assert_kernel_accurate(tensors, tables, dtype)
-
-
-@pytest.fixture(autouse=True)
-def _fixed_tiles_on_gpu(monkeypatch):
-    """On a GPU, autotuning every (dtype, head_dim, flags) variant of this file would compile
-    ~20 configs each; these tests use the first config (the interpreter always does). The
-    autotuned path is exercised by selfcheck, the benchmark test and the tile-shape test."""
-    monkeypatch.setenv("KERNELS_AUTOTUNE", "0")
 
 
 @contextmanager

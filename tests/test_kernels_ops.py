@@ -14,6 +14,7 @@ from kernels import reference as R
 from test_components import ALL_ON, digits_model
 from train import Routing
 
+pytestmark = pytest.mark.usefixtures("fixed_kernel_tiles")
 DEVICE = torch.device("cuda" if kernels.triton_available() else "cpu")
 
 
