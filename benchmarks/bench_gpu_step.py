@@ -98,13 +98,13 @@ class SRDiTStep:
         if unknown:
             raise ValueError(f"unknown variant parts {sorted(unknown)} in {variant!r}")
         compile = "compile" in extras
-        self.variant, self.batch, self.device, self.next_step = variant, batch, device, 0
+        self.variant, self.device, self.next_step = variant, device, 0
         # one process holds the batch a rank of the track's run holds (its global batch / 8)
-        self.cfg = cfg = train.parse_config(
+        cfg = train.parse_config(
             ["--track", TRACK, "--kernels", kernels, "--compile", str(compile), "--seed", str(seed),
              "--deterministic", str("nondeterministic" not in extras), "--global_batch", str(batch)]
             + (["--model", model] if model else []))
-        self.track = track = train.load_track(TRACK)
+        track = train.load_track(TRACK)
         accelerator = train.make_accelerator(cfg)
         if accelerator.device.type != device.type:
             raise RuntimeError(f"accelerate chose {accelerator.device}, not {device}")

@@ -115,13 +115,14 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     else:
         mod.attn_bwd[grid(meta)](*args, **flags, **meta)
     dkw = dw_part[:, 0].sum((0, 1)).to(kw.dtype) if kw is not None else None
-    dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
-    if atomic:  # dq_out holds dL/dP(q): through the q prologue into dq
-        if qw is None and rope is None:
-            dq.copy_(dq_out)
-        else:
-            dqw, _ = _launch_prologue_bwd(q, None, dq_out, None, dq, None, rope, qw, None, eps,
-                                          interleaved)
+    if not atomic:
+        dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
+    elif qw is None and rope is None:  # dq_out holds dL/dP(q) = dL/dq
+        dq.copy_(dq_out)
+        dqw = None
+    else:  # dq_out holds dL/dP(q): through the q prologue into dq
+        dqw, _ = _launch_prologue_bwd(q, None, dq_out, None, dq, None, rope, qw, None, eps,
+                                      interleaved)
     return dqw, dkw
 
 
@@ -172,6 +173,11 @@ def _or_none(g: Tensor) -> Tensor | None:
     return None if g.numel() == 0 else g
 
 
+def _or_empty(g: Tensor | None, like: Tensor) -> Tensor:
+    """The inverse of `_or_none`: what a backward op returns for a weight that is absent."""
+    return _weight_grad(None, like) if g is None else g
+
+
 @torch.library.custom_op("speedrun_kernels::flash_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
                   q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, scale: float,
@@ -201,8 +207,7 @@ def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tens
     dq, dk, dv = _bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v)
     dqw, dkw = _launch_bwd(q, k, v, o, lse, _unit_last(do), dq, dk, dv, rope, q_norm_weight,
                            k_norm_weight, scale, eps, interleaved)
-    return (dq, dk, dv, _weight_grad(None, q) if dqw is None else dqw,
-            _weight_grad(None, q) if dkw is None else dkw)
+    return dq, dk, dv, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
 @_attention_backward_op.register_fake
@@ -273,8 +278,7 @@ def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: T
     rope = None if cos is None else (cos, sin)
     dqw, dkw = _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, q_norm_weight, k_norm_weight,
                            scale, eps, interleaved)
-    return (dqkv, _weight_grad(None, q) if dqw is None else dqw,
-            _weight_grad(None, q) if dkw is None else dkw)
+    return dqkv, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
 @_attention_packed_backward_op.register_fake
@@ -340,8 +344,7 @@ def _prologue_backward_op(q: Tensor, k: Tensor, dqo: Tensor, dko: Tensor, cos: T
     rope = None if cos is None else (cos, sin)
     dqw, dkw = _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, q_norm_weight, k_norm_weight,
                                     eps, interleaved)
-    return (dq, dk, _weight_grad(None, q) if dqw is None else dqw,
-            _weight_grad(None, q) if dkw is None else dkw)
+    return dq, dk, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
 @_prologue_backward_op.register_fake
