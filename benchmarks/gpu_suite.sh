@@ -47,7 +47,8 @@ part step 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 
   --variants torch,triton,triton+flash,triton+nondeterministic "${PUBLIC[@]}" \
   --json "$OUT_DIR/step.json" --out_dir "$OUT_DIR"
 # 3. attention and modulated-norm tables against every SDPA backend and the unfused chains
-part kernels_bench 120 "$PY" benchmarks/bench_kernels.py --compile
+#    (the limit covers autotuning every FWD_CONFIGS/BWD_CONFIGS entry for each key it meets)
+part kernels_bench 170 "$PY" benchmarks/bench_kernels.py --compile
 # 4. evaluation feature extraction (Inception port + DINOv2-L/14 in fp32 and TF32, random weights)
 part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
 # 5. the torch.compile'd step: torch path, and the kernels as custom ops inside the graph
