@@ -344,25 +344,70 @@ def test_wandb_logging_is_offline_and_optional(tmp_path, run_args):
         train.train(train.parse_config(run_args + ["--run_name", "wb2", "--wandb", "cloud"]))
 
 
+def _launch_train_sh(tmp_path, track, name, extra_flags, envs):
+    """`bash train.sh` once per environment in `envs` (each a node of one run), all at the same
+    time; returns the run's directory after every launcher has exited cleanly."""
+    env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable)
+    cmd = ["bash", "train.sh", "--track", str(track), "--runs_dir", str(tmp_path / "runs"),
+           "--write_record", "false", "--run_name", name, *extra_flags]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env | e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in envs]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return tmp_path / "runs" / name
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    """Model and EMA weights equal within floating-point tolerance (gradients are averaged over
+    ranks in another order than one process sums its micro-batches)."""
+    ta, tb = _final_tensors(a), _final_tensors(b)
+    for key in tb:
+        if key.startswith(("model.", "ema.")):
+            torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("components", ["plain", "all"])
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_track, components):
     """NPROC=2 bash train.sh on CPU (two real gloo ranks) ends where one process with the same
-    global batch ends, within floating-point tolerance (gradients are averaged in another order);
-    with every SR-DiT component on too (CFM pairs across the rank boundary, SPRINT draws shared)."""
+    global batch ends; with every SR-DiT component on too (CFM pairs across the rank boundary,
+    SPRINT draws shared)."""
     from test_components import ALL_FLAGS
-    env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable)
-    common = ["--track", str(tiny_track), "--runs_dir", str(tmp_path / "runs"), "--write_record", "false"]
-    common += ALL_FLAGS if components == "all" else []
-    for nproc, name in (("2", "two"), ("1", "one")):
-        proc = subprocess.run(["bash", "train.sh", *common, "--run_name", name], cwd=ROOT,
-                              env=env | {"NPROC": nproc}, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    two, one = _final_tensors(tmp_path / "runs" / "two"), _final_tensors(tmp_path / "runs" / "one")
-    for key in one:
-        if key.startswith(("model.", "ema.")):
-            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert "world_size: 2" in (tmp_path / "runs" / "two" / "train.log").read_text()
+    flags = ALL_FLAGS if components == "all" else []
+    two = _launch_train_sh(tmp_path, tiny_track, "two", flags, [{"NPROC": "2"}])
+    one = _launch_train_sh(tmp_path, tiny_track, "one", flags, [{"NPROC": "1"}])
+    _assert_same_training(two, one)
+    assert "world_size: 2" in (two / "train.log").read_text()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_process(tmp_path, tiny_track):
+    """NNODES=2 bash train.sh, started once per node (here two 'nodes' of two gloo processes each
+    on this machine, rendezvous at MASTER_ADDR:MASTER_PORT): one run of world size 4, trained
+    like one process with the same global batch."""
+    nodes = [{"NNODES": "2", "NODE_RANK": str(r), "NPROC": "2", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(_free_port())} for r in range(2)]
+    nodes[1]["MASTER_PORT"] = nodes[0]["MASTER_PORT"]
+    four = _launch_train_sh(tmp_path, tiny_track, "four", [], nodes)
+    one = _launch_train_sh(tmp_path, tiny_track, "one", [], [{"NPROC": "1"}])
+    _assert_same_training(four, one)
+    assert "world_size: 4" in (four / "train.log").read_text()
+
+
+def test_multi_node_launch_needs_a_rank_and_an_address(tmp_path, tiny_track):
+    env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable, NNODES="2", NPROC="1")
+    proc = subprocess.run(["bash", "train.sh", "--track", str(tiny_track)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "NODE_RANK" in proc.stderr and "MASTER_ADDR" in proc.stderr
 
 
 def test_cli_reports_bad_resume_files_and_flags_without_a_traceback(tmp_path, run_args, capsys):
