@@ -4,8 +4,9 @@
     accelerate launch -m evaluations.evaluate samples.npz --track <imagenet track> --out metrics.json
 
 An ImageNet track (evaluation.feature_network "inception_adm") is scored with FID, sFID, IS,
-Precision/Recall as the ADM evaluator and KDD (evaluations/imagenet.py); its reference batch is
-the ADM reference .npz named in the track (path + sha256).
+Precision/Recall as the ADM evaluator and KD, SR-DiT's KDD (evaluations/imagenet.py); its
+reference batch is the ADM reference .npz the track names (<dataset.dir>/<reference>.npz, sha256
+pinned by reference_sha256).
 
 Sample statistics are always recomputed from `arr_0`: any mu/sigma a sample file carries is
 ignored (a submitted file could carry made-up statistics). The reference batch is the track's
@@ -91,10 +92,24 @@ def evaluate_samples(samples_path: Path, track: dict, **imagenet_options) -> dic
     protocol, data = track["evaluation"], track["dataset"]
     if protocol.get("feature_network") in IMAGENET_NETWORKS:
         from evaluations.imagenet import evaluate_imagenet
-        return evaluate_imagenet(samples_path, track, **imagenet_options)["metrics"]
-    images = load_sample_batch(samples_path, data["resolution"], data["channels"], int(protocol["num_samples"]))
-    extractor = get_feature_extractor(protocol["feature_network"])
-    return compute_metrics(extractor.extract(images), extractor.extract(reference_images(track)), protocol)
+        metrics = evaluate_imagenet(samples_path, track, **imagenet_options)["metrics"]
+    else:
+        images = load_sample_batch(samples_path, data["resolution"], data["channels"],
+                                   int(protocol["num_samples"]))
+        extractor = get_feature_extractor(protocol["feature_network"])
+        metrics = compute_metrics(extractor.extract(images), extractor.extract(reference_images(track)),
+                                  protocol)
+    check_protocol_metrics(metrics, track)
+    return metrics
+
+
+def check_protocol_metrics(metrics: dict | None, track: dict) -> None:
+    """Every metric the protocol lists was computed (a silently missing column would rank a record
+    on fewer numbers than the track promises). ``None``: a process that does not score."""
+    missing = sorted(set(track["evaluation"].get("metrics", [])) - set(metrics or {}))
+    if metrics is not None and missing:
+        raise ValueError(f"track {track.get('name')!r} lists the metrics {missing}, which its evaluation "
+                         f"protocol did not compute (computed: {sorted(metrics)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +157,8 @@ def _main_imagenet(args, track: dict) -> int:
                                       dinov2_weights=args.dinov2_weights)
         report = evaluate_imagenet(Path(args.samples), track, extractors=extractors, batch_size=args.batch_size,
                                    cache_dir=args.cache_dir, reference_path=args.reference, dist=dist)
-    except (BatchFileError, WeightsFileError, InceptionGraphError, ImportError) as e:
+        check_protocol_metrics(report["metrics"], track)
+    except (BatchFileError, WeightsFileError, InceptionGraphError, ImportError, ValueError) as e:
         print(f"[evaluate] error: {e}", file=sys.stderr)
         return 1
     finally:
@@ -150,8 +166,8 @@ def _main_imagenet(args, track: dict) -> int:
     if not dist.is_main:
         return 0
     result = dict(report["metrics"])
-    if "kdd" in result:
-        result["kdd_definition"] = report["definitions"]["kdd"]
+    if "kd" in result:
+        result["kd_definition"] = report["definitions"]["kd"]
     result["provenance"] = report["provenance"]
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     if args.out:

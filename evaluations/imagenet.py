@@ -8,11 +8,16 @@ reference ``.npz`` (e.g. ``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` with 10k
   statistics; sFID the same on ``mu_s``/``sigma_s`` and the samples' ``mixed_6/conv`` features.
   When a reference file has no statistics they are computed from its ``arr_0`` (as ADM does).
   A sample file's own ``mu``/``sigma`` are never read: sample statistics are always recomputed.
-* IS   = Inception Score of the samples' logits, 10 consecutive splits.
+* IS   = Inception Score of the samples' logits, consecutive chunks of 5000 as ADM (10 at 50k).
 * P, R = ADM's ManifoldEstimator (k = 3) between the reference ``arr_0`` pool features and the
   samples' pool features.
-* KDD  = kernel distance on DINOv2 ViT-L/14 features of reference ``arr_0`` and samples (see
-  :func:`kdd_definition`; the definition is written next to every KDD number).
+* KD   = kernel distance (SR-DiT's "KDD") on DINOv2 ViT-L/14 features of reference ``arr_0`` and
+  samples, when the protocol has a ``kernel_distance`` block (see :func:`kd_definition`; the
+  definition is written next to every KD number).
+
+The track names its reference batch: ``evaluation.reference`` is the file's name without ``.npz``,
+found in ``dataset.dir`` (or given as ``reference_path``), ``reference_sha256`` pins its digest,
+``reference_url`` says where it comes from and ``reference_num_images`` (optional) its size.
 
 Feature extraction is sharded over processes (``accelerate launch -m evaluations.evaluate ...``):
 every process takes a contiguous slice of the images, accumulates float64 statistics
@@ -27,6 +32,7 @@ import atexit
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,6 +48,7 @@ from preprocessing.shards import atomic_write
 CACHE_FORMAT = "reference-features-v1"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "eval_cache"
 POOL_DIM = 2048
+ADM_IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score: consecutive chunks of 5000 samples
 SPATIAL_DIM = 2023
 
 
@@ -50,11 +57,14 @@ SPATIAL_DIM = 2023
 # ---------------------------------------------------------------------------
 
 
-def kdd_definition(protocol: dict) -> str:
-    """The KDD this evaluator computes, in words (written next to every KDD number)."""
-    kd = protocol.get("kdd", {})
+KD_NETWORK = "dinov2_vitl14"
+
+
+def kd_definition(protocol: dict) -> str:
+    """The KD (SR-DiT's KDD) this evaluator computes, in words (written next to every KD number)."""
+    kd = protocol.get("kernel_distance", {})
     return (
-        "KDD = unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y/d + 1)^3, d = 1024, on DINOv2 "
+        "KD (SR-DiT's KDD) = unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y/d + 1)^3, d = 1024, on DINOv2 "
         "ViT-L/14 CLS features after the final norm (timm vit_large_patch14_dinov2 with the torch-hub "
         "dinov2_vitl14 weights and its bicubic position-embedding interpolation); images resized to "
         "224x224 with PIL bicubic, scaled to [0, 1] and normalised with the ImageNet mean/std; mean over "
@@ -251,7 +261,7 @@ class ReferenceBatch:
 
 
 def load_reference_batch(path, resolution: int, expected_sha256: Optional[str] = None,
-                         num_images: Optional[int] = None) -> ReferenceBatch:
+                         num_images: Optional[int] = None, url: Optional[str] = None) -> ReferenceBatch:
     """An ADM reference batch: ``arr_0`` (checked against the track's resolution) and its statistics.
 
     ``mu``/``sigma`` (pool, 2048) and ``mu_s``/``sigma_s`` (spatial, 2023) are used when present
@@ -261,14 +271,16 @@ def load_reference_batch(path, resolution: int, expected_sha256: Optional[str] =
     path = Path(path)
     if not path.is_file():
         raise ReferenceFileError(
-            f"{path}: reference batch not found. ADM's reference batches come from "
-            "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/ "
-            "(e.g. imagenet/256/VIRTUAL_imagenet256_labeled.npz)")
+            f"{path}: reference batch not found; download it from "
+            + (url or "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/ "
+               "(ADM's reference batches, e.g. imagenet/256/VIRTUAL_imagenet256_labeled.npz)"))
     sha = sha256_file(path)
     if expected_sha256 and sha != str(expected_sha256).lower():
         raise ReferenceFileError(f"{path}: sha256 {sha} does not match the track's {expected_sha256}; "
                                  "the reference batch is corrupt or not the expected one")
     images = open_image_batch(path, resolution, 3, num_images, error=ReferenceFileError, what="reference images")
+    if not expected_sha256:  # no pin to vouch for the bytes: at least the zip's own checksum
+        images.verify_checksum()
     stats: Dict[str, Optional[Tuple[np.ndarray, np.ndarray]]] = {}
     for name, (mu_key, sigma_key), dim in (("pool", ("mu", "sigma"), POOL_DIM),
                                            ("spatial", ("mu_s", "sigma_s"), SPATIAL_DIM)):
@@ -350,8 +362,8 @@ def _load_cache(path: Path, key: str, consumers: Sequence[Consumer]) -> Optional
                     {"count": data[f"stats/{c.key}/{n}/count"], "mean": data[f"stats/{c.key}/{n}/mean"],
                      "m2": data[f"stats/{c.key}/{n}/m2"]}) for n in c.stats}
             return out
-    except (OSError, KeyError, ValueError):
-        return None  # unreadable or stale cache: recompute
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None  # unreadable, damaged or stale cache: recompute
 
 
 # ---------------------------------------------------------------------------
@@ -378,8 +390,9 @@ def compute_imagenet_metrics(sample: Extracted, reference: Extracted,
         # stall on descheduled threads (measured on 2 busy cores: 25 s with 2 OpenBLAS threads)
         with threadpool_limits(limits=1, user_api="blas"):
             out[metric] = M.frechet_distance(inc_s[name].mean(), inc_s[name].covariance(), ref[0], ref[1])
-    out["is"], out["is_std"] = M.inception_score(sample.arrays["inception"]["logits"],
-                                                 splits=int(protocol.get("inception_score_splits", 10)))
+    out["is"], out["is_std"] = M.inception_score(
+        sample.arrays["inception"]["logits"],
+        split_size=int(protocol.get("inception_score_split_size", ADM_IS_SPLIT_SIZE)))
     # float16 distances as ADM; the float16 product is a float32-accumulated GEMM of the float16
     # inputs: 3-6x faster than PyTorch's float16 GEMM on CPUs, and on GPUs it rules out cuBLAS's
     # reduced-precision (float16) split-K reductions; float16 values are exact in float32 and TF32
@@ -389,8 +402,8 @@ def compute_imagenet_metrics(sample: Extracted, reference: Extracted,
         k=int(protocol.get("precision_recall_k", 3)), batch_size=int(protocol.get("precision_recall_batch", 10000)),
         device=device, fp16_matmul=mode)
     if "dinov2" in sample.arrays:
-        kd = protocol.get("kdd", {})
-        out["kdd"], out["kdd_std"] = M.kernel_distance(
+        kd = protocol.get("kernel_distance", {})
+        out["kd"], out["kd_std"] = M.kernel_distance(
             reference.arrays["dinov2"]["pool"], sample.arrays["dinov2"]["pool"],
             num_subsets=int(kd.get("num_subsets", 100)), subset_size=int(kd.get("subset_size", 1000)),
             seed=int(kd.get("seed", 0)))
@@ -399,15 +412,19 @@ def compute_imagenet_metrics(sample: Extracted, reference: Extracted,
 
 def build_extractors(protocol: dict, backend: Optional[str] = None, device=None,
                      inception_weights=None, dinov2_weights=None) -> Dict[str, object]:
-    """The protocol's networks: ``{"inception": ..., "dinov2": ... (only when the protocol has a kdd block)}``."""
+    """The protocol's networks: ``{"inception": ..., "dinov2": ...}`` (DINOv2 only when the protocol
+    has a ``kernel_distance`` block)."""
     from evaluations.features import get_feature_extractor
 
     inc = protocol.get("inception", {})
     out = {"inception": get_feature_extractor(
         "inception_adm", weights=inception_weights or inc.get("weights"), sha256=inc.get("sha256"),
         backend=backend or inc.get("backend", "torch"), device=device)}
-    if "kdd" in protocol:
-        kd = protocol["kdd"]
+    if "kernel_distance" in protocol:
+        kd = protocol["kernel_distance"]
+        if kd.get("feature_network", KD_NETWORK) != KD_NETWORK:
+            raise ValueError(f"kernel_distance.feature_network {kd['feature_network']!r}: the ImageNet "
+                             f"evaluator computes KD on {KD_NETWORK!r} features only")
         out["dinov2"] = get_feature_extractor("dinov2_vitl14", weights=dinov2_weights or kd.get("weights"),
                                               sha256=kd.get("sha256"), device=device,
                                               precision=kd.get("precision", "fp32"))
@@ -422,20 +439,21 @@ def evaluate_imagenet(samples_path, track: dict, *, extractors: Optional[Dict[st
     ``dist`` defaults to this process alone: ``train.py`` scores on rank 0 only, so a collective
     here would wait forever.  The CLI passes ``Distributed.from_environment()`` so that
     ``accelerate launch -m evaluations.evaluate`` shards the extraction; then every process must
-    call this.  Returns ``{"metrics": {...numbers}, "definitions": {"kdd": ...}, "provenance":
+    call this.  Returns ``{"metrics": {...numbers}, "definitions": {"kd": ...}, "provenance":
     {...}}`` on every process (metrics on the main process only; ``None`` elsewhere).
     """
     protocol, data = track["evaluation"], track["dataset"]
     dist = dist or Distributed.single()
     resolution = int(data["resolution"])
-    ref_spec = protocol.get("reference")
-    if not isinstance(ref_spec, dict) or not (reference_path or ref_spec.get("path")):
-        raise ReferenceFileError(f"track {track.get('name')!r}: evaluation.reference must be "
-                                 "{'path': ..., 'sha256': ...} for an ImageNet track")
+    if reference_path is None:
+        if not isinstance(protocol.get("reference"), str) or not data.get("dir"):
+            raise ReferenceFileError(f"track {track.get('name')!r}: evaluation.reference must name the "
+                                     "reference batch (a file <dataset.dir>/<name>.npz), or pass its path")
+        reference_path = Path(data["dir"]) / f"{protocol['reference']}.npz"
     samples = open_image_batch(samples_path, resolution, 3, int(protocol["num_samples"]),
                                error=SampleFileError, what="samples")
-    reference = load_reference_batch(reference_path or ref_spec["path"], resolution, ref_spec.get("sha256"),
-                                     ref_spec.get("num_images"))
+    reference = load_reference_batch(reference_path, resolution, protocol.get("reference_sha256"),
+                                     protocol.get("reference_num_images"), protocol.get("reference_url"))
     if extractors is None:
         extractors = build_extractors(protocol, backend=backend, device=dist.device)
     batch_size = int(batch_size or protocol.get("batch_size", 64))
@@ -450,6 +468,8 @@ def evaluate_imagenet(samples_path, track: dict, *, extractors: Optional[Dict[st
     try:
         ref, from_cache = reference_features(reference, ref_consumers, batch_size, cache_dir, dist, progress)
         sample = extract_features(samples, sample_consumers, batch_size, dist, progress, desc="samples")
+        if dist.is_main:
+            samples.verify_checksum()
     finally:
         samples.close()
         reference.images.close()
@@ -461,7 +481,7 @@ def evaluate_imagenet(samples_path, track: dict, *, extractors: Optional[Dict[st
         "networks": {k: getattr(v, "identity", {}) for k, v in extractors.items() if v is not None},
         "processes": dist.world_size, "batch_size": batch_size}}
     if "dinov2" in sample.arrays:
-        report["definitions"]["kdd"] = kdd_definition(protocol)
+        report["definitions"]["kd"] = kd_definition(protocol)
     if dist.is_main:
         report["metrics"] = compute_imagenet_metrics(sample, ref, reference.statistics, protocol,
                                                      device=dist.device)

@@ -72,6 +72,8 @@ def _as_2d(array: Any, name: str, dtype=np.float64) -> np.ndarray:
     out = _to_numpy(array, dtype)
     if out.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (N, D); got shape {out.shape}")
+    if not np.all(np.isfinite(out)):  # a NaN would otherwise become a NaN metric (or a LAPACK error)
+        raise ValueError(f"{name} contains non-finite values")
     return out
 
 
@@ -98,6 +100,9 @@ def _check_gaussian_stats(mu1, sigma1, mu2, sigma2):
         raise ValueError(
             f"mean vectors have different lengths: mu1 {mu1.shape} vs mu2 {mu2.shape}"
         )
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} contains non-finite values")
     d = mu1.shape[0]
     for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
         if sigma.shape != (d, d):
@@ -350,9 +355,15 @@ def _split_sizes_check(n: int, splits: int) -> int:
     return n // splits
 
 
-def _inception_score_from_log_probs(log_p: np.ndarray, splits: int) -> Tuple[float, float]:
+def _inception_score_from_log_probs(log_p: np.ndarray, splits: int,
+                                    split_size: Optional[int] = None) -> Tuple[float, float]:
     n = log_p.shape[0]
-    size = _split_sizes_check(n, splits)
+    if split_size is None:
+        size = _split_sizes_check(n, splits)
+    else:  # ADM's rule: chunks of split_size in order, the last one whatever is left
+        size = int(split_size)
+        if size < 1 or n < 1:
+            raise ValueError(f"need split_size >= 1 and samples; got split_size={split_size}, N={n}")
     scores = []
     for start in range(0, n, size):
         part = log_p[start : start + size]
@@ -365,7 +376,7 @@ def _inception_score_from_log_probs(log_p: np.ndarray, splits: int) -> Tuple[flo
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def inception_score(logits, splits: int = 10) -> Tuple[float, float]:
+def inception_score(logits, splits: int = 10, split_size: Optional[int] = None) -> Tuple[float, float]:
     """Inception Score ``(mean, std)`` from classifier logits of shape (N, C).
 
     Reproduces ADM's ``compute_inception_score`` (itself the improved-gan
@@ -381,10 +392,13 @@ def inception_score(logits, splits: int = 10) -> Tuple[float, float]:
 
     Raises ``ValueError`` if N < splits or N is not divisible by ``splits``
     (equal chunk sizes are required rather than ``np.array_split``'s uneven ones).
+    With ``split_size`` (the ImageNet evaluator passes ADM's 5000) the chunks are
+    ``split_size`` rows each in order and the last one holds the rest, exactly
+    ADM's loop, so the number matches ADM's for any N (IS grows with the chunk size).
     """
     x = _as_2d(logits, "logits")
     log_p = scipy.special.log_softmax(x, axis=1)
-    return _inception_score_from_log_probs(log_p, splits)
+    return _inception_score_from_log_probs(log_p, splits, split_size)
 
 
 def inception_score_from_probs(probs, splits: int = 10) -> Tuple[float, float]:

@@ -93,6 +93,17 @@ def test_npz_reader_refuses_unusable_files(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:600])
     with pytest.raises(SampleFileError, match="cut.npz: not a readable .npz"):
         NpzArrayReader(tmp_path / "cut.npz", error=SampleFileError)
+    # one changed byte inside arr_0 of a stored file: the slice reads cannot see it, the CRC-32 can
+    np.savez(tmp_path / "big.npz", arr_0=_images(8, res=32))  # larger than zipfile's first read
+    data = bytearray((tmp_path / "big.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flip.npz").write_bytes(bytes(data))
+    with NpzArrayReader(tmp_path / "big.npz", error=SampleFileError) as ok:
+        ok.verify_checksum()
+    with NpzArrayReader(tmp_path / "flip.npz", error=SampleFileError) as flipped:
+        assert flipped.read(0, 8).shape == (8, 32, 32, 3)
+        with pytest.raises(SampleFileError, match="flip.npz: arr_0 fails its CRC-32 check"):
+            flipped.verify_checksum()
 
 
 def test_image_batch_checks_name_the_file_and_the_problem(tmp_path):
@@ -270,11 +281,16 @@ def test_reference_features_are_cached_by_content_and_network(tmp_path):
     _, hit4 = IN.reference_features(IN.load_reference_batch(tmp_path / "ref.npz", 16), consumers, 4, cache,
                                     progress=False)
     assert not hit4
-    # a damaged cache file is recomputed, not trusted
-    for f in cache.iterdir():
-        f.write_bytes(b"damaged")
-    _, hit5 = IN.reference_features(ref, consumers, 4, cache, progress=False)
-    assert not hit5
+    # a damaged cache file is recomputed, not trusted: not a zip, cut short, one byte changed
+    current = IN.load_reference_batch(tmp_path / "ref.npz", 16)
+    fresh, _ = IN.reference_features(current, consumers, 4, cache, progress=False)
+    flip = (lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:])
+    for damage in (lambda b: b"damaged", lambda b: b[:len(b) // 2], flip):
+        for f in cache.iterdir():
+            f.write_bytes(damage(f.read_bytes()))
+        again, hit5 = IN.reference_features(current, consumers, 4, cache, progress=False)
+        assert not hit5
+        np.testing.assert_array_equal(again.arrays["inception"]["pool"], fresh.arrays["inception"]["pool"])
 
 
 # ---------------------------------------------------------------------------
@@ -282,14 +298,16 @@ def test_reference_features_are_cached_by_content_and_network(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _track(tmp_path, n_samples, ref_path, kdd=True):
+def _track(tmp_path, n_samples, ref_path, kd=True):
+    """An ImageNet-style track whose reference batch is `ref_path` (<dataset.dir>/<reference>.npz)."""
     evaluation = {"feature_network": "inception_adm", "num_samples": n_samples,
-                  "reference": {"path": str(ref_path), "sha256": None},
-                  "inception_score_splits": 2, "precision_recall_k": 3, "batch_size": 4}
-    if kdd:
-        evaluation["kdd"] = {"num_subsets": 7, "subset_size": 6, "seed": 3}
-    return {"name": "imagenet-test", "dataset": {"name": "test", "resolution": 24, "channels": 3},
-            "evaluation": evaluation}
+                  "reference": Path(ref_path).stem, "reference_sha256": None,
+                  "inception_score_split_size": 5, "precision_recall_k": 3, "batch_size": 4,
+                  "metrics": ["fid", "sfid", "is", "precision", "recall"] + (["kd"] if kd else [])}
+    if kd:
+        evaluation["kernel_distance"] = {"num_subsets": 7, "subset_size": 6, "seed": 3}
+    return {"name": "imagenet-test", "evaluation": evaluation,
+            "dataset": {"name": "test", "resolution": 24, "channels": 3, "dir": str(Path(ref_path).parent)}}
 
 
 def test_imagenet_metrics_match_an_independent_recomputation(tmp_path, monkeypatch):
@@ -317,7 +335,7 @@ def test_imagenet_metrics_match_an_independent_recomputation(tmp_path, monkeypat
     forged = IN.evaluate_imagenet(tmp_path / "forged.npz", track, extractors=networks,
                                   cache_dir=tmp_path / "cache", progress=False)
     got = report["metrics"]
-    assert set(got) == {"fid", "sfid", "is", "is_std", "precision", "recall", "kdd", "kdd_std"}
+    assert set(got) == {"fid", "sfid", "is", "is_std", "precision", "recall", "kd", "kd_std"}
     assert got == forged["metrics"]
     assert report["provenance"]["reference"]["statistics"] == {"pool": "from the reference file",
                                                                "spatial": "computed from arr_0"}
@@ -333,7 +351,7 @@ def test_imagenet_metrics_match_an_independent_recomputation(tmp_path, monkeypat
     s_s, s_r = fs["spatial"].reshape(10, -1), fr["spatial"].reshape(8, -1)
     assert got["sfid"] == pytest.approx(fd_sqrtm(s_s.mean(0), np.cov(s_s, rowvar=False),
                                                  s_r.mean(0), np.cov(s_r, rowvar=False)), rel=1e-6)
-    # IS over 2 consecutive splits of the samples' logits, written out
+    # IS over consecutive chunks of the protocol's split size (5: two chunks), written out
     logits = fs["logits"].astype(np.float32).astype(np.float64)
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -344,11 +362,11 @@ def test_imagenet_metrics_match_an_independent_recomputation(tmp_path, monkeypat
     pr = M.precision_recall(fr["pool"], fs["pool"], k=3, fp16_matmul="fp32_accumulate")  # the CPU mode
     assert (got["precision"], got["recall"]) == pr
     assert (got["precision"], got["recall"]) != M.precision_recall(fs["pool"], fr["pool"], k=3)
-    # KDD: the second network's features, reference vs samples, with the protocol's subsets
-    kdd = M.kernel_distance(dino.extract(ref_images)["pool"], dino.extract(samples)["pool"],
-                            num_subsets=7, subset_size=6, seed=3)
-    assert (got["kdd"], got["kdd_std"]) == pytest.approx(kdd, rel=1e-6)
-    definition = report["definitions"]["kdd"]
+    # KD: the second network's features, reference vs samples, with the protocol's subsets
+    kd = M.kernel_distance(dino.extract(ref_images)["pool"], dino.extract(samples)["pool"],
+                           num_subsets=7, subset_size=6, seed=3)
+    assert (got["kd"], got["kd_std"]) == pytest.approx(kd, rel=1e-6)
+    definition = report["definitions"]["kd"]
     for part in ("(x.y/d + 1)^3", "DINOv2 ViT-L/14", "CLS", "224x224", "bicubic", "ImageNet mean/std",
                  "7 subsets of 6", "seed 3", "unbiased MMD^2"):
         assert part in definition, part
@@ -364,6 +382,51 @@ def test_imagenet_metrics_match_an_independent_recomputation(tmp_path, monkeypat
     assert again == got and all(isinstance(v, float) for v in again.values())
 
 
+IMAGENET_TRACKS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "records" / "tracks").glob("*.json")
+                         if json.loads(p.read_text())["evaluation"]["feature_network"] == "inception_adm")
+
+
+@pytest.mark.parametrize("name", IMAGENET_TRACKS)
+def test_committed_imagenet_tracks_are_scored_as_they_stand(tmp_path, monkeypatch, name):
+    """Each committed ImageNet track's evaluation block goes through the evaluator unchanged: its
+    reference batch is found by name in the dataset folder, every metric it lists comes out (KD
+    with its own kernel_distance settings, IS with ADM's chunks), DINOv2 is built for KD, and a
+    missing reference says where to download it. Only the data (folder, size, count) and the
+    networks (stand-ins) are replaced."""
+    from evaluations import evaluate, features
+    from train import load_track
+    track = load_track(name)
+    protocol = track["evaluation"]
+    built = {}
+    monkeypatch.setattr(features, "get_feature_extractor", lambda network, **kw: built.setdefault(network, kw))
+    IN.build_extractors(protocol)
+    assert set(built) == {"inception_adm", "dinov2_vitl14"}
+    track["dataset"] |= {"dir": str(tmp_path), "resolution": 24}
+    protocol["num_samples"] = 12
+    np.savez(tmp_path / "samples.npz", arr_0=_images(12, res=24, seed=1))
+    with pytest.raises(ReferenceFileError, match=f"{protocol['reference']}.npz: reference batch not found; "
+                                                 f"download it from {protocol['reference_url']}"):
+        evaluate.evaluate_samples(tmp_path / "samples.npz", track, extractors={}, progress=False)
+    ref_images = _images(9, res=24, seed=2)
+    np.savez(tmp_path / f"{protocol['reference']}.npz", arr_0=ref_images)
+    monkeypatch.setattr(IN, "POOL_DIM", 6)
+    monkeypatch.setattr(IN, "SPATIAL_DIM", 12)
+    inc, dino = ProjectionExtractor(24 * 24 * 3, dim=6, seed=0), ProjectionExtractor(24 * 24 * 3, dim=5, seed=1)
+    got = evaluate.evaluate_samples(tmp_path / "samples.npz", track, extractors={"inception": inc, "dinov2": dino},
+                                    cache_dir=tmp_path / "cache", progress=False)
+    assert set(protocol["metrics"]) <= set(got)
+    kd = protocol["kernel_distance"]
+    assert (got["kd"], got["kd_std"]) == pytest.approx(M.kernel_distance(
+        dino.extract(ref_images)["pool"], dino.extract(_images(12, res=24, seed=1))["pool"],
+        num_subsets=kd["num_subsets"], subset_size=kd["subset_size"], seed=kd["seed"]), rel=1e-6)
+    logits = inc.extract(_images(12, res=24, seed=1))["logits"]
+    assert got["is"] == pytest.approx(M.inception_score(logits, splits=1)[0], rel=1e-6)  # 12 < 5000: one chunk
+    # without the KD network a listed metric would be missing: refused, not dropped
+    with pytest.raises(ValueError, match=r"lists the metrics \['kd'\]"):
+        evaluate.evaluate_samples(tmp_path / "samples.npz", track, extractors={"inception": inc},
+                                  cache_dir=tmp_path / "cache", progress=False)
+
+
 def test_cli_scores_an_imagenet_track_and_rejects_bad_input(tmp_path, capsys):
     """The real (width-reduced, random) Inception port from a converted weights file, via the CLI."""
     from safetensors.torch import save_file
@@ -377,7 +440,7 @@ def test_cli_scores_an_imagenet_track_and_rejects_bad_input(tmp_path, capsys):
               metadata={"format": I.FORMAT, "source_sha256": "cd" * 32})
     np.savez(tmp_path / "ref.npz", arr_0=_images(6, res=24, seed=4))
     np.savez(tmp_path / "samples.npz", arr_0=_images(8, res=24, seed=5))
-    track = _track(tmp_path, 8, tmp_path / "ref.npz", kdd=False)
+    track = _track(tmp_path, 8, tmp_path / "ref.npz", kd=False)
     track["evaluation"]["inception"] = {"weights": str(weights), "sha256": sha256_file(weights), "backend": "torch"}
     (tmp_path / "track.json").write_text(json.dumps(track | {"budget": {}, "train_defaults": {},
                                                              "primary_metric": "fid"}))

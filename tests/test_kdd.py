@@ -181,7 +181,7 @@ def test_bad_weights_files_say_what_and_where(tmp_path, model, monkeypatch):
 def test_precision_option_is_recorded_and_checked(model):
     """fp32 (dgm-eval's arithmetic) is the default; tf32 is an opt-in that the extractor's
     identity and the KDD definition name. TF32 only exists on GPUs: on CPU both agree."""
-    from evaluations.imagenet import kdd_definition
+    from evaluations.imagenet import kd_definition
     images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     exact = get_feature_extractor("dinov2_vitl14", model=model, device="cpu")
     fast = get_feature_extractor("dinov2_vitl14", model=model, device="cpu", precision="tf32")
@@ -191,5 +191,5 @@ def test_precision_option_is_recorded_and_checked(model):
     assert torch.backends.cuda.matmul.allow_tf32 is before  # the setting is restored afterwards
     with pytest.raises(ValueError, match="precision"):
         get_feature_extractor("dinov2_vitl14", model=model, device="cpu", precision="bf16")
-    assert "plain float32" in kdd_definition({"kdd": {}})
-    assert "TF32" in kdd_definition({"kdd": {"precision": "tf32"}})
+    assert "plain float32" in kd_definition({"kernel_distance": {}})
+    assert "TF32" in kd_definition({"kernel_distance": {"precision": "tf32"}})

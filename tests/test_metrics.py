@@ -298,6 +298,35 @@ def test_inception_score_uses_consecutive_chunks():
     assert M.inception_score_from_probs(probs, splits=1)[0] != pytest.approx(mean, abs=1e-3)
 
 
+def test_inception_score_with_adm_split_size_keeps_a_short_last_chunk():
+    """ADM's rule (the ImageNet evaluator's): chunks of split_size in order, the rest last."""
+    eye = np.eye(4)
+    chunks = [eye[np.tile(np.arange(4), 2)], eye[np.zeros(8, dtype=int)], eye[[0, 1, 0, 1]]]
+    logits = 1e4 * np.concatenate(chunks)  # one-hot predictions: IS 4, 1 and 2
+    mean, std = M.inception_score(logits, split_size=8)
+    assert (mean, std) == pytest.approx((np.mean([4.0, 1.0, 2.0]), np.std([4.0, 1.0, 2.0])), abs=1e-12)
+    assert M.inception_score(logits, split_size=20)[0] != pytest.approx(mean, abs=1e-3)
+    with pytest.raises(ValueError, match="split_size"):
+        M.inception_score(logits, split_size=0)
+
+
+def test_non_finite_features_are_refused_by_every_metric():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((30, 4)), rng.standard_normal((30, 4))
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="batch contains non-finite values"):
+        M.FeatureStatistics().update(bad)
+    with pytest.raises(ValueError, match="mu1 contains non-finite values"):
+        M.frechet_distance(bad.mean(0), np.eye(4), y.mean(0), np.eye(4))
+    with pytest.raises(ValueError, match="sigma2 contains non-finite values"):
+        M.frechet_distance(x.mean(0), np.eye(4), y.mean(0), np.cov(bad, rowvar=False))
+    with pytest.raises(ValueError, match="logits contains non-finite values"):
+        M.inception_score(bad, splits=3)
+    with pytest.raises(ValueError, match="y contains non-finite values"):
+        M.kernel_distance(x, np.where(bad > 0, np.inf, bad), num_subsets=2, subset_size=10)
+
+
 def test_inception_score_validates_splits():
     probs = np.full((10, 3), 1.0 / 3)
     with pytest.raises(ValueError):
