@@ -270,6 +270,10 @@ def sample_labels(indices: Sequence[int], num_classes: int, mode: str, seed: int
     raise ValueError(f"unknown label mode {mode!r}: expected 'balanced' or 'random'")
 
 
+# the interval is inclusive; grid times arrive rounded to float32 (float32(0.6) > 0.6)
+GRID_TIME_TOLERANCE = 1e-6
+
+
 def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, latent_shape: Sequence[int],
                     scale: float = 1.0, interval: Sequence[float] = (0.0, 1.0), cls_scale: Optional[float] = None,
                     path_drop_guidance: bool = False, reg_dim: int = 0) -> VelocityFn:
@@ -283,6 +287,16 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, l
     from train import Routing
 
     low, high = interval
+    if low > high:
+        raise ValueError(f"guidance interval [{low}, {high}] is empty (low > high): guidance would never apply")
+    opts = getattr(model, "opts", None)
+    if path_drop_guidance and not (opts is not None and opts.sprint):
+        raise ValueError("path-drop guidance needs a model trained with SPRINT (this one has no sparse path "
+                         "to drop)")
+    if cls_scale is not None and cls_scale != scale and not reg_dim:
+        raise ValueError("a class-token guidance scale needs a model trained with REG (this one has no "
+                         "class token)")
+    low, high = low - GRID_TIME_TOLERANCE, high + GRID_TIME_TOLERANCE
     cls_scale = scale if cls_scale is None else cls_scale
     null = torch.full_like(y, num_classes)
     n = math.prod(latent_shape)
@@ -417,7 +431,7 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
-    from train import load_model, load_track, set_kernels
+    from train import ConfigError, _str2bool, load_model, load_track, set_kernels
 
     parser = argparse.ArgumentParser(description="Sample an exported model with a track's protocol "
                                      "(flags override single protocol fields) into an ADM .npz")
@@ -433,8 +447,8 @@ def main(argv: Optional[list] = None) -> int:
                         help="apply guidance only for t in [low, high]")
     parser.add_argument("--cls_guidance_scale", type=float, default=None,
                         help="guidance scale of the REG class token (default: --guidance_scale)")
-    parser.add_argument("--path_drop_guidance", type=lambda s: s.lower() in ("1", "true", "yes", "on"),
-                        default=None, help="SPRINT path drop in the unconditional branch (true/false)")
+    parser.add_argument("--path_drop_guidance", type=_str2bool, default=None,
+                        help="SPRINT path drop in the unconditional branch (true/false)")
     parser.add_argument("--labels", choices=["balanced", "random"], default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=1000)
@@ -450,7 +464,13 @@ def main(argv: Optional[list] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"[generate] error: {e}", file=sys.stderr)
         return 1
-    track = load_track(args.track or meta["track"])
+    try:
+        track = load_track(args.track or meta["track"])
+    except (FileNotFoundError, ConfigError) as e:
+        hint = "" if args.track else (f"; the model was trained on track {meta['track']!r}: pass --track "
+                                      "with that track's name or JSON file")
+        print(f"[generate] error: {e}{hint}", file=sys.stderr)
+        return 1
     protocol = dict(track["evaluation"])
     for key in ("sampler", "num_steps", "num_samples", "guidance_scale", "guidance_interval", "cls_guidance_scale",
                 "path_drop_guidance", "labels", "seed"):
@@ -462,6 +482,9 @@ def main(argv: Optional[list] = None) -> int:
     try:
         generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
                         accelerator, args.batch_size)
+    except ValueError as e:  # a protocol this model cannot be sampled with
+        print(f"[generate] error: {e}", file=sys.stderr)
+        return 1
     finally:
         leave_process_group()
     if accelerator.is_main_process:

@@ -176,8 +176,63 @@ def parse_config(argv: list[str] | None = None) -> Config:
     cfg.iterations = cfg.iterations or track["budget"]["iterations"]
     cfg.global_batch = cfg.global_batch or track["budget"]["global_batch"]
     cfg.data_dir = cfg.data_dir or track["dataset"]["dir"]
-    parse_model_name(cfg.model)
+    # what the command line set (not a field: records store settings, not how they were given);
+    # a resumed run takes every other setting from its checkpoint (resumed_config)
+    cfg.flags_given = frozenset(k for k, v in args.items() if v is not None)
+    validate_config(cfg)
     return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Values no run can use: refused before anything is set up (a zero period would divide by zero
+    after the first step; a clip of 0 would freeze the weights, a negative one flip the gradients)."""
+    parse_model_name(cfg.model)
+    for name in ("log_every", "ckpt_every", "keep_checkpoints", "grad_accum", "iterations", "global_batch"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name, value, low, high in (("class_dropout", cfg.class_dropout, 0.0, 1.0),
+                                   ("ema_decay", cfg.ema_decay, 0.0, 1.0),
+                                   ("sprint_drop_ratio", cfg.sprint_drop_ratio, 0.0, 1.0),
+                                   ("sprint_path_drop", cfg.sprint_path_drop, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise ConfigError(f"--{name} must be in [{low}, {high}], got {value}")
+    if cfg.sprint and (cfg.sprint_dense_in < 1 or cfg.sprint_dense_out < 0):
+        raise ConfigError(f"SPRINT needs at least one dense block before the sparse part and none or more "
+                          f"after it, got --sprint_dense_in {cfg.sprint_dense_in} --sprint_dense_out "
+                          f"{cfg.sprint_dense_out}")
+
+
+# Settings a resumed run may change: where and how it runs and what it reports, not what it trains
+# (grad_accum: a run resumed on fewer processes needs more accumulation for the same global batch).
+RESUME_MAY_CHANGE = frozenset({
+    "data_dir", "encoder_weights", "grad_accum", "compile", "deterministic", "kernels", "run_name",
+    "runs_dir", "records_dir", "leaderboard", "log_every", "ckpt_every", "keep_checkpoints", "resume",
+    "description", "contributors", "write_record", "wandb"})
+
+
+def resumed_config(cfg: Config, prior: dict, path: Path) -> Config:
+    """The configuration a resumed run continues with: the checkpoint's, except RESUME_MAY_CHANGE
+    (this command's). A flag of this command that contradicts the checkpoint is an error, so
+    `--resume auto --run_name X` alone continues exactly what was started; a Config built without
+    parse_config counts every field as given."""
+    given = getattr(cfg, "flags_given", None)
+    values = dataclasses.asdict(cfg)
+    conflicts = []
+    for name, old in prior.items():
+        if name not in values or name in RESUME_MAY_CHANGE or values[name] == old:
+            continue
+        if given is None or name in given:
+            conflicts.append(f"{name}={values[name]!r} (checkpoint: {old!r})")
+        values[name] = old
+    if conflicts:
+        raise ConfigError(f"cannot resume {path}: this run sets {', '.join(conflicts)}; a resumed run "
+                          "continues with its checkpoint's settings (drop these flags)")
+    out = Config(**values)
+    out.flags_given = given
+    return out
 
 
 def _str2bool(s: str) -> bool:
@@ -792,8 +847,40 @@ def read_safetensors(path: Path, expected_format: str) -> tuple[dict, dict]:
     return tensors, metadata
 
 
+def _checkpoint_state(path: Path, metadata: dict) -> dict:
+    try:
+        return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]),
+                "extra": json.loads(metadata.get("extra", "{}"))}
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its metadata lacks or garbles {e}") from e
+
+
+def read_checkpoint_metadata(path: Path) -> dict:
+    """A checkpoint's step, config and extra without reading its tensors."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a readable safetensors "
+                              f"file): {e}") from e
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {metadata.get('format')!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r}")
+    return _checkpoint_state(path, metadata)
+
+
 def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     tensors, metadata = read_safetensors(path, CHECKPOINT_FORMAT)
+    info = _checkpoint_state(path, metadata)
+    missing = [name for name in ("rng.torch_cpu",) if name not in tensors]
+    if info["step"] > 0 and not any(k.startswith("optim.") for k in tensors):
+        missing.append("the optimizer state")
+    if missing:  # resuming without them would silently not continue the run exactly
+        raise CheckpointError(f"checkpoint {path} (step {info['step']}) lacks {', '.join(missing)}")
     def section(prefix: str) -> dict:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     for module, prefix in ((model, "model."), (ema, "ema.")):
@@ -810,10 +897,8 @@ def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
                 optimizer.state[p] = {k: v if k == "step" else v.to(p.device).view_as(p) for k, v in state.items()}
             except RuntimeError as e:
                 raise CheckpointError(f"checkpoint {path}: optimizer state of {p_name} does not fit: {e}") from e
-    if "rng.torch_cpu" in tensors:
-        torch.set_rng_state(tensors["rng.torch_cpu"])
-    return {"step": int(metadata["step"]), "config": json.loads(metadata["config"]),
-            "extra": json.loads(metadata.get("extra", "{}"))}
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    return info
 
 
 def export_model(path: Path, ema: nn.Module, cfg: Config, track: dict) -> None:
@@ -1055,6 +1140,14 @@ def train(cfg: Config) -> dict:
     from preprocessing.shards import ShardDataset
 
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
+    if not cfg.run_name:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        cfg.run_name = f"{stamp}_{cfg.model.replace('/', '')}_s{cfg.seed}"
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    resume_path = _resolve_resume(cfg, run_dir)
+    if resume_path:  # before anything is built: the model follows the checkpoint's settings
+        cfg = resumed_config(cfg, read_checkpoint_metadata(resume_path)["config"], resume_path)
+    validate_config(cfg)
     track = load_track(cfg.track)
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
@@ -1066,11 +1159,6 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes x "
                           f"{cfg.grad_accum} accumulation steps")
     set_determinism(cfg.deterministic)
-
-    if not cfg.run_name:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        cfg.run_name = f"{stamp}_{cfg.model.replace('/', '')}_s{cfg.seed}"
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
     log = RunLog(run_dir / "train.log", enabled=is_main)
 
     if is_main and track["dataset"].get("builder") == "digits":
@@ -1097,15 +1185,9 @@ def train(cfg: Config) -> dict:
     optimizer = make_optimizer(cfg, model, accelerator.device)
 
     start_step, train_seconds = 0, 0.0
-    resume_path = _resolve_resume(cfg, run_dir)
     if resume_path:
         state = load_checkpoint(resume_path, model, ema, optimizer)
         start_step, train_seconds = state["step"], state["extra"].get("train_seconds", 0.0)
-        prior = state["config"]
-        for key in ("model", "global_batch", "seed", "iterations", "track"):
-            if prior[key] != getattr(cfg, key):
-                raise ConfigError(f"cannot resume {resume_path}: it was trained with {key}={prior[key]!r}, "
-                                 f"this run has {getattr(cfg, key)!r}")
     model = compile_for_training(cfg, model)
     if teacher is not None:
         teacher = compile_for_training(cfg, teacher)
@@ -1127,6 +1209,11 @@ def train(cfg: Config) -> dict:
         log.start(source, env, cfg, track, n_params)
     if resume_path:
         log.line(f"resumed from {resume_path} at step {start_step}")
+    elif cfg.resume == "auto":  # a mistyped --run_name must not pass for a resume
+        log.line(f"--resume auto: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        if is_main:
+            print(f"[train] --resume auto: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0",
+                  flush=True)
     if is_main:
         print(f"[train] track {track['name']}: {cfg.model} ({n_params / 1e6:.2f}M parameters), "
               f"{cfg.iterations} iterations x global batch {cfg.global_batch} on {world} x {accelerator.device}; "
@@ -1166,7 +1253,7 @@ def train(cfg: Config) -> dict:
             if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
                 raise NonFiniteLoss(f"non-finite loss {loss_value} / grad norm {float(grad_norm)} at step "
                                     f"{step}; parameters were not updated; last good checkpoint: "
-                                    f"{(list_checkpoints(run_dir) or ['none'])[-1]}")
+                                    f"{(list_checkpoints(run_dir) or [resume_path or 'none'])[-1]}")
             stepper.update()
             step += 1
             train_seconds += time.perf_counter() - t0

@@ -44,6 +44,22 @@ def test_guidance_formula_and_interval():
         torch.testing.assert_close(v, expected.flatten(1))
 
 
+def test_guidance_interval_is_inclusive_and_refuses_settings_that_do_nothing():
+    model = LinearField(10)
+    x, y = torch.randn(2, 1, 2, 2), torch.tensor([1, 2])
+    for bound in (0.6, 0.7):  # float32(0.6) > 0.6 and float32(0.7) < 0.7: both bounds still count
+        t = torch.full((2,), bound, dtype=torch.float32)
+        for interval in ((0.0, bound), (bound, 1.0)):
+            v = guided_velocity(model, y, 10, (1, 2, 2), scale=3.0, interval=interval)(x.flatten(1), t)
+            assert not torch.allclose(v, model(x, t, y)["v"].flatten(1)), (bound, interval)
+    with pytest.raises(ValueError, match="empty"):
+        guided_velocity(model, y, 10, (1, 2, 2), scale=3.0, interval=(0.9, 0.1))
+    with pytest.raises(ValueError, match="path-drop guidance needs a model trained with SPRINT"):
+        guided_velocity(model, y, 10, (1, 2, 2), scale=3.0, path_drop_guidance=True)
+    with pytest.raises(ValueError, match="needs a model trained with REG"):
+        guided_velocity(model, y, 10, (1, 2, 2), scale=3.0, cls_scale=2.0)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "heun", "euler_maruyama"])
 def test_samples_do_not_depend_on_batching_or_sharding(sampler):
     model = LinearField(10)

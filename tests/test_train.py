@@ -201,6 +201,36 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
+def test_checkpoints_without_optimizer_rng_or_step_are_rejected(tmp_path):
+    from safetensors.torch import save_file
+    model, ema, opt = _tiny_state()
+    path = tmp_path / "ck.safetensors"
+    train.save_checkpoint(path, model, ema, opt, 3, train.Config(), {})
+    tensors, meta = train.read_safetensors(path, train.CHECKPOINT_FORMAT)
+    for name, keep, new_meta, message in (
+            ("no_optim", lambda k: not k.startswith("optim."), meta, r"\(step 3\) lacks the optimizer state"),
+            ("no_rng", lambda k: k != "rng.torch_cpu", meta, "lacks rng.torch_cpu"),
+            ("no_step", lambda k: True, {k: v for k, v in meta.items() if k != "step"}, "lacks or garbles 'step'")):
+        broken = tmp_path / f"{name}.safetensors"
+        save_file({k: v for k, v in tensors.items() if keep(k)}, str(broken), metadata=new_meta)
+        with pytest.raises(train.CheckpointError, match=f"{name}.safetensors.*{message}"):
+            train.load_checkpoint(broken, *_tiny_state())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad_clip", "0"], "--grad_clip must be positive"),
+    (["--grad_clip", "-1"], "--grad_clip must be positive"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
+    (["--ckpt_every", "0"], "--ckpt_every must be at least 1"),
+    (["--grad_accum", "0"], "--grad_accum must be at least 1"),
+    (["--ema_decay", "1.5"], r"--ema_decay must be in \[0.0, 1.0\]"),
+    (["--sprint", "true", "--sprint_dense_in", "0"], "SPRINT needs at least one dense block"),
+])
+def test_values_no_run_can_use_are_refused_up_front(tiny_track, flags, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.parse_config(["--track", str(tiny_track)] + flags)
+
+
 def test_missing_truncated_and_foreign_checkpoints_are_rejected(tmp_path):
     model, ema, opt = _tiny_state()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -225,8 +255,12 @@ def _final_tensors(run_dir: Path) -> dict:
 
 
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
+    """The README's resume command (--resume auto --run_name X, no other flags) continues what was
+    started, including settings that own no parameters (RoPE, the norm, time shift, CFM, lr)."""
     threads_before = set(threading.enumerate())
-    full = train.parse_config(run_args + ["--run_name", "full", "--write_record", "false"])
+    settings = ["--rope", "true", "--norm", "rmsnorm", "--time_shift_base", "16", "--cfm_coef", "0.05",
+                "--lr", "2e-3", "--ema_decay", "0.9"]
+    full = train.parse_config(run_args + settings + ["--run_name", "full", "--write_record", "false"])
     summary = train.train(full)
     assert summary["step"] == 6
     run_dir = Path(summary["run_dir"])
@@ -237,7 +271,12 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(train.list_checkpoints(run_dir)[0], resumed_dir / "checkpoints")
     resumed = train.parse_config(run_args + ["--run_name", "resumed", "--resume", "auto", "--write_record", "false"])
+    assert not resumed.rope  # the command line alone: the track's defaults...
     train.train(resumed)
+    exported = json.loads(train.read_safetensors(resumed_dir / "model.safetensors", train.MODEL_FORMAT)[1]["config"])
+    assert {k: exported[k] for k in ("rope", "norm", "time_shift_base", "cfm_coef", "lr", "ema_decay")} == {
+        "rope": True, "norm": "rmsnorm", "time_shift_base": 16.0, "cfm_coef": 0.05, "lr": 2e-3,
+        "ema_decay": 0.9}  # ...but the run continued with the checkpoint's
     a, b = _final_tensors(run_dir), _final_tensors(resumed_dir)
     assert a.keys() == b.keys()
     for key in a:
@@ -260,6 +299,15 @@ def test_resume_refuses_a_different_budget(tmp_path, run_args):
     with pytest.raises(ValueError, match="global_batch"):
         train.train(train.parse_config(run_args + ["--run_name", "r2", "--resume", str(ck),
                                                     "--global_batch", "8", "--write_record", "false"]))
+    # a setting that owns no parameter is refused too when the command contradicts the checkpoint
+    with pytest.raises(train.ConfigError, match=r"this run sets rope=True \(checkpoint: False\)"):
+        train.train(train.parse_config(run_args + ["--run_name", "r2", "--resume", str(ck), "--rope", "true"]))
+    # --resume auto in a folder without checkpoints (a mistyped run name) says so
+    train.train(train.parse_config(run_args + ["--run_name", "typo", "--resume", "auto", "--iterations", "1"]))
+    assert "--resume auto: no checkpoint in" in (tmp_path / "runs" / "typo" / "train.log").read_text()
+    # where and how it runs may change
+    assert train.resumed_config(train.parse_config(run_args + ["--log_every", "1", "--grad_accum", "2"]),
+                                train.read_checkpoint_metadata(ck)["config"], ck).grad_accum == 2
     # a checkpoint whose data position belongs to another dataset is refused too
     from safetensors import safe_open
     from safetensors.torch import save_file
