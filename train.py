@@ -1290,6 +1290,7 @@ def train(cfg: Config) -> dict:
     checkpoint(step)
     log.line(f"training done: {step} iterations, train_time:{train_seconds:.1f}s")
     summary = {"run_dir": str(run_dir), "step": step, "train_seconds": train_seconds,
+               "data_manifest_sha256": sha256_file(Path(cfg.data_dir) / "manifest.json"),
                "parameters": n_params, "environment": env, "code_hash": code_hash(source)}
     if is_main:
         export_model(run_dir / "model.safetensors", ema, cfg, track)
@@ -1376,13 +1377,21 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
               ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         official = (cfg.iterations, cfg.global_batch) == (track["budget"]["iterations"],
                                                          track["budget"]["global_batch"])
-        if cfg.write_record and official:
+        pinned = track["dataset"].get("manifest_sha256")
+        if cfg.write_record and official and pinned and summary["data_manifest_sha256"] != pinned:
+            print(f"[train] not a track run: the data in {cfg.data_dir} is not the track's (manifest sha256 "
+                  f"{summary['data_manifest_sha256']}, the track pins {pinned}): no record", flush=True)
+        elif cfg.write_record and official:
             from records.record import write_record
             from records.leaderboard import render_leaderboard
             record_dir = write_record(cfg, track, run_dir, summary | out)
-            render_leaderboard(Path(cfg.records_dir), Path(cfg.leaderboard))
             out["record_dir"] = str(record_dir)
-            print(f"[train] record written to {record_dir}; {cfg.leaderboard} re-rendered", flush=True)
+            try:
+                render_leaderboard(Path(cfg.records_dir), Path(cfg.leaderboard))
+                print(f"[train] record written to {record_dir}; {cfg.leaderboard} re-rendered", flush=True)
+            except Exception as e:  # the record is safe; the page can be re-rendered later
+                print(f"[train] record written to {record_dir}; {cfg.leaderboard} NOT re-rendered "
+                      f"({type(e).__name__}: {e}); run python -m records.leaderboard", flush=True)
         elif cfg.write_record:
             print(f"[train] not a track run ({cfg.iterations} x {cfg.global_batch} differs from the track "
                   f"budget {track['budget']['iterations']} x {track['budget']['global_batch']}): no record",

@@ -55,6 +55,7 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
     device_hours = total / 3600 * env["world_size"] if "gpu" in env else 0.0
     record = {
         "format": RECORD_FORMAT, "track": track["name"], "date": date,
+        "dataset": track["dataset"], "data_manifest_sha256": summary["data_manifest_sha256"],
         "description": cfg.description,
         "contributors": [c.strip() for c in cfg.contributors.split(",") if c.strip()],
         "config": dataclasses.asdict(cfg), "code_hash": summary["code_hash"], "environment": env,
@@ -73,15 +74,44 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
     return record_dir
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"non-finite number {name} (a metric must be a finite number)")
+
+
+def _check_text(path: Path, where: str, text: str) -> None:
+    """Free-text fields end up in LEADERBOARD.md's table: no line breaks or other control characters."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise RecordError(f"{path}: field {where!r} contains control characters (line breaks, tabs...)")
+
+
+def artefact_path(record_dir: Path, record: dict, key: str) -> Path | None:
+    """The local file of an artefact: its `path`, a plain file name inside the record folder (no
+    directories, no symlinks); for a remote artefact (`url`), the file downloaded next to
+    record.json under its usual name, or None when it has not been downloaded."""
+    art = record["artefacts"][key]
+    record_dir = Path(record_dir)
+    name = art.get("path") or ARTEFACT_FILES.get(key, key)
+    if Path(name).name != name or name in (".", "..") or "\\" in name:
+        raise RecordError(f"{record_dir / RECORD_FILE}: artefact {key} path {name!r} must be a file name "
+                          "inside the record folder")
+    file = record_dir / name
+    if file.is_symlink():
+        raise RecordError(f"{record_dir / RECORD_FILE}: artefact {key} ({file}) is a symlink; a record "
+                          "folder holds its own files")
+    if "path" not in art and not file.is_file():
+        return None
+    return file
+
+
 def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
-    """Reads and validates record.json; optionally verifies every artefact's sha256."""
+    """Reads and validates record.json; optionally verifies every local artefact's sha256."""
     record_dir = Path(record_dir)
     path = record_dir / RECORD_FILE if record_dir.is_dir() else record_dir
     if not path.is_file():
         raise RecordError(f"{path}: record file not found")
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        record = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except ValueError as e:  # JSONDecodeError is a ValueError; so is a NaN or an Infinity
         raise RecordError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(record, dict):
         raise RecordError(f"{path}: expected a JSON object")
@@ -96,12 +126,18 @@ def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
             where = ".".join([*(str(p) for p in error.absolute_path), missing[0]])
             raise RecordError(f"{path}: missing field {where!r}")
         raise RecordError(f"{path}: field {where or '(top level)'!r}: {error.message}")
+    for where, text in ([("description", record["description"]), ("date", record["date"]),
+                         ("track", record["track"])]
+                        + [(f"contributors.{i}", c) for i, c in enumerate(record["contributors"])]
+                        + [(f"environment.{k}", v) for k, v in record["environment"].items()
+                           if isinstance(v, str)]):
+        _check_text(path, where, text)
     if check_artefacts:
         from preprocessing.shards import sha256_file
         for key, art in record["artefacts"].items():
-            if "path" not in art:
-                continue  # an external artefact (url + sha256): verified by whoever downloads it
-            file = path.parent / art["path"]
+            file = artefact_path(path.parent, record, key)
+            if file is None:
+                continue  # a remote artefact not downloaded here: checked by whoever downloads it
             if not file.is_file():
                 raise RecordError(f"{path}: artefact {key} ({file}) is missing")
             actual = sha256_file(file)

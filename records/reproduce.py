@@ -1,27 +1,34 @@
 """Reproduces a record: python -m records.reproduce records/<track>/<folder>  (what eval.sh runs).
 
-1. validates record.json and the sha256 of every artefact it lists;
-2. checks that the code hash is the sha256 of the train.py embedded at the top of its run log;
-3. loads the checkpoint (safetensors only: anything that would unpickle code is refused), or with
-   --retrain re-trains from the record's config (tracks marked retrain_allowed, e.g. digits);
-4. regenerates the samples for every evaluation seed of the record's protocol and rescores them;
-5. prints recorded vs reproduced and a one-line verdict; exit 0 = reproduced within the
-   track's stated tolerance, 1 = differs, 2 = the record or its artefacts are invalid.
+1. runs the validator's checks (records.validate, without re-scoring): schema, every artefact's
+   sha256, the code hash against the train.py embedded in the run log, budget, dataset, protocol;
+2. loads the checkpoint (safetensors only: anything that would unpickle code is refused), or with
+   --retrain re-trains from the record's config (tracks marked retrain_allowed, e.g. digits) with
+   this checkout's train.py, which must be the one that made the record;
+3. regenerates the samples for every evaluation seed of the track's protocol and rescores them;
+4. prints recorded vs reproduced for every seed and the mean, and a one-line verdict; exit 0 =
+   every number reproduced within the track's stated tolerance, 1 = differs, 2 = the record or
+   its artefacts are invalid.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 import tempfile
 from pathlib import Path
 
-from records.record import RecordError, load_record
+from records.record import RecordError, artefact_path, load_record
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def within(recorded: float, reproduced: float, tol: dict) -> bool:
+    if not (math.isfinite(recorded) and math.isfinite(reproduced)):
+        return False  # an infinite recorded value would make any relative tolerance infinite
     return abs(recorded - reproduced) <= max(tol.get("abs", 0.0), tol.get("rel", 0.0) * abs(recorded))
 
 
@@ -30,11 +37,15 @@ def check_record(record_dir: Path) -> dict:
     from train import code_from_log
 
     record = load_record(record_dir, check_artefacts=True)
-    model_file = record["artefacts"]["model"]["path"]
+    model = record["artefacts"]["model"]
+    model_file = model.get("path") or model["url"]
     if not model_file.endswith(SAFETENSORS_SUFFIX):
         raise RecordError(f"{record_dir}: checkpoint {model_file} is not a .safetensors file; pickled "
                           f"formats (.pt/.pth/.ckpt/.bin) can run code when loaded and are refused")
-    log_text = (Path(record_dir) / record["artefacts"]["log"]["path"]).read_text()
+    log = artefact_path(Path(record_dir), record, "log")
+    if log is None:
+        raise RecordError(f"{record_dir}: the run log must be a file of the record folder, not a URL")
+    log_text = log.read_text()
     try:
         embedded = hashlib.sha256(code_from_log(log_text).encode()).hexdigest()
     except ValueError as e:
@@ -46,8 +57,11 @@ def check_record(record_dir: Path) -> dict:
 
 
 def retrain_args(record: dict, work: Path, track_arg: str) -> list[str]:
-    """train.py flags that re-run a record's config into `work` (no record, no leaderboard)."""
-    skip = {"runs_dir", "records_dir", "leaderboard", "run_name", "resume", "write_record", "track", "wandb"}
+    """train.py flags that re-run a record's config into `work` (no record, no leaderboard). Paths
+    of the submitter's machine are not taken: the data is the track's, the outputs go to `work`
+    (a record naming a folder of the reviewer's would otherwise have it rebuilt)."""
+    skip = {"runs_dir", "records_dir", "leaderboard", "run_name", "resume", "write_record", "track", "wandb",
+            "data_dir", "encoder_weights"}
     args = ["--track", track_arg, "--runs_dir", str(work), "--run_name", "retrain", "--write_record", "false"]
     for key, value in sorted(record["config"].items()):
         if key not in skip:
@@ -55,65 +69,88 @@ def retrain_args(record: dict, work: Path, track_arg: str) -> list[str]:
     return args
 
 
-def reproduce(record_dir: Path, out_dir: Path | None = None, track: str | None = None,
-              retrain: bool = False) -> tuple[bool, list[tuple]]:
-    """Regenerates and rescores (or, with retrain, re-trains from the record's config first) and
-    compares the mean metrics with the record's, within the track's tolerance."""
+def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None = None,
+              retrain: bool = False, other_code: bool = False) -> tuple[bool, list[tuple]]:
+    """Regenerates and rescores (or, with retrain, re-trains from the record's config first) with
+    the track's protocol, and compares every seed's metrics and their mean with the record's,
+    within the track's tolerance. `root`: the records tree (its tracks/ defines the track)."""
     import train
+    from records.validate import validate_record
 
     record_dir = Path(record_dir)
-    record = check_record(record_dir)
-    track_arg = track or record["track"]
-    spec = train.load_track(track_arg)
-    if spec["name"] != record["track"]:
-        raise RecordError(f"{record_dir}: the record is for track {record['track']!r}, not {spec['name']!r}")
+    tracks_dir = Path(root or ROOT / "records") / "tracks"
+    record = validate_record(record_dir, tracks_dir, rescore=False)
+    track_file = tracks_dir / f"{record['track']}.json"
+    spec = train.load_track(str(track_file))
     if retrain and not spec.get("retrain_allowed", False):
         raise RecordError(f"track {spec['name']!r} is not cheap enough for --retrain; reproduce from the checkpoint")
-    spec = spec | {"evaluation": record["evaluation"]}  # the record's own protocol
+    current = train.code_hash(Path(train.__file__).read_text())
+    if retrain and current != record["code_hash"] and not other_code:
+        raise RecordError(f"{record_dir}: the record was trained by the train.py with sha256 {record['code_hash']} "
+                          f"(embedded in its train.log); this checkout's has {current}. Check out the commit "
+                          "whose train.py matches, or pass --other-code to re-train with this one")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(out_dir) if out_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if retrain:
-            if train.main(retrain_args(record, work, track_arg)) != 0:
+            if train.main(retrain_args(record, work, str(track_file))) != 0:
                 raise RecordError(f"{record_dir}: re-training from the record's config failed")
             model_path = work / "retrain" / "model.safetensors"
         else:
-            model_path = record_dir / record["artefacts"]["model"]["path"]
+            model_path = artefact_path(record_dir, record, "model")
+            if model_path is None:
+                url = record["artefacts"]["model"]["url"]
+                raise RecordError(f"{record_dir}: the checkpoint is remote: download {url} to "
+                                  f"{record_dir / 'model.safetensors'} (its sha256 is checked)")
         try:
             model, _ = train.load_model(model_path)
         except (FileNotFoundError, ValueError) as e:
             raise RecordError(str(e)) from e
         evaluation, _, _ = train.score_model(model, spec, work)
     rows, ok = [], True
+    reruns = {r["seed"]: r["metrics"] for r in evaluation["runs"]}
     for name, tol in spec.get("reproduction_tolerance", {}).items():
-        if name not in record["metrics"]:
-            continue
-        got = evaluation["mean"][name]
-        good = within(record["metrics"][name], got, tol)
-        ok &= good
-        rows.append((name, record["metrics"][name], got, tol, good))
-    return ok, rows
+        pairs = [(f"seed {r['seed']}", r["metrics"].get(name), reruns.get(r["seed"], {}).get(name))
+                 for r in record["metric_runs"]] + [("mean", record["metrics"].get(name),
+                                                     evaluation["mean"].get(name))]
+        for label, recorded, got in pairs:
+            if recorded is None or got is None:  # a metric the tolerance names must be there
+                ok = False
+                rows.append((f"{name} ({label})", recorded, got, tol, False))
+                continue
+            good = within(recorded, got, tol)
+            ok &= good
+            rows.append((f"{name} ({label})", recorded, got, tol, good))
+    return ok and bool(rows), rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("record", help="a record folder (records/<track>/<date>_<slug>)")
     parser.add_argument("--out", default=None, help="keep the regenerated samples and grid here")
-    parser.add_argument("--track", default=None, help="track name or JSON path (default: the record's track)")
+    parser.add_argument("--root", default=str(ROOT / "records"),
+                        help="the records tree whose tracks/ defines the record's track")
     parser.add_argument("--retrain", action="store_true",
                         help="re-train from the record's config first (cheap tracks only, e.g. digits)")
+    parser.add_argument("--other-code", action="store_true",
+                        help="with --retrain: allow a train.py other than the record's (the verdict says so)")
     args = parser.parse_args(argv)
     try:
-        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None, args.track, args.retrain)
+        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None, Path(args.root),
+                             args.retrain, args.other_code)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2
-    print(f"{'metric':<10} {'recorded':>12} {'reproduced':>12} {'tolerance':>22}  ok")
+    print(f"{'metric':<18} {'recorded':>12} {'reproduced':>12} {'tolerance':>22}  ok")
+    fmt = lambda v: "missing" if v is None else f"{v:.4f}"  # noqa: E731
     for name, recorded, got, tol, good in rows:
         tol_text = f"abs {tol.get('abs', 0)} / rel {tol.get('rel', 0)}"
-        print(f"{name:<10} {recorded:>12.4f} {got:>12.4f} {tol_text:>22}  {'yes' if good else 'NO'}")
+        mark = "exact" if good and recorded == got else ("yes" if good else "NO")
+        print(f"{name:<18} {fmt(recorded):>12} {fmt(got):>12} {tol_text:>22}  {mark}")
     verdict = "REPRODUCED" if ok else "NOT REPRODUCED"
-    print(f"[eval] {verdict}: {args.record} ({sum(r[4] for r in rows)}/{len(rows)} metrics within tolerance)")
+    code = " (re-trained with a different train.py)" if args.retrain and args.other_code else ""
+    print(f"[eval] {verdict}{code}: {args.record} ({sum(r[4] for r in rows)}/{len(rows)} numbers within "
+          f"tolerance)")
     return 0 if ok else 1
 
 

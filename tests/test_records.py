@@ -12,17 +12,28 @@ from records import leaderboard, reproduce
 from records.record import RecordError, find_records, load_record
 
 
+def _track_run(base: Path, track: Path, *flags: str) -> Path:
+    args = ["--track", str(track), "--runs_dir", str(base / "runs"), "--records_dir", str(base / "records"),
+            "--leaderboard", str(base / "LEADERBOARD.md"), *flags]
+    return Path(train.train(train.parse_config(args))["record_dir"])
+
+
 @pytest.fixture(scope="module")
 def tiny_record(tmp_path_factory, digits_dir):
     from conftest import make_track
     base = tmp_path_factory.mktemp("records_run")
     (base / "records" / "tracks").mkdir(parents=True)
     track = make_track(base / "records" / "tracks" / "tiny.json", digits_dir)
-    args = ["--track", str(track), "--runs_dir", str(base / "runs"), "--records_dir", str(base / "records"),
-            "--leaderboard", str(base / "LEADERBOARD.md"), "--run_name", "2026-01-01_first",
-            "--contributors", "alice, bob"]
-    summary = train.train(train.parse_config(args))
-    return base, track, Path(summary["record_dir"])
+    record_dir = _track_run(base, track, "--run_name", "2026-01-01_first", "--contributors", "alice, bob")
+    return base, track, record_dir
+
+
+@pytest.fixture(scope="module")
+def second_record(tiny_record):
+    """Another genuine record of the same track (another seed), written after the first."""
+    base, track, _ = tiny_record
+    return _track_run(base, track, "--run_name", "second", "--seed", "1", "--description", "better | run",
+                      "--contributors", "eve [x](http://example.com) <b>")
 
 
 def _copy(tiny_record, tmp_path) -> Path:
@@ -59,6 +70,20 @@ def test_non_track_runs_write_no_record(tmp_path, run_args):
     assert "record_dir" not in summary and not (tmp_path / "records").exists()
 
 
+def test_a_run_on_other_data_writes_no_record(tiny_record, tmp_path, digits_dir, capsys):
+    _, track, _ = tiny_record
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["metadata"]["note"] = "my own copy"
+    (data / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    summary = train.train(train.parse_config([
+        "--track", str(track), "--runs_dir", str(tmp_path / "runs"), "--records_dir", str(tmp_path / "records"),
+        "--leaderboard", str(tmp_path / "LEADERBOARD.md"), "--data_dir", str(data), "--run_name", "other"]))
+    assert "record_dir" not in summary and not (tmp_path / "records").exists()
+    assert "is not the track's" in capsys.readouterr().out
+
+
 def test_load_record_names_the_file_and_field(tiny_record, tmp_path):
     record_dir = _copy(tiny_record, tmp_path)
     _edit(record_dir, lambda d: d.pop("global_batch"))
@@ -91,18 +116,31 @@ def test_tampered_or_missing_artefacts_are_detected(tiny_record, tmp_path):
         load_record(record_dir, check_artefacts=True)
 
 
-def test_leaderboard_is_rendered_from_records_deterministically(tiny_record, tmp_path):
-    first = _copy(tiny_record, tmp_path)
-    second = first.with_name("2026-01-02_better")
-    shutil.copytree(first, second)
-    _edit(second, lambda d: d["metrics"].update(fid=d["metrics"]["fid"] / 2))
-    _edit(second, lambda d: d.update(description="better | run"))
+def test_leaderboard_is_rendered_from_records_deterministically(tiny_record, second_record, tmp_path):
+    first = _into_tree(tiny_record, tmp_path)
+    second = tmp_path / "records" / "tiny" / second_record.name
+    shutil.copytree(second_record, second)
     text = leaderboard.render_markdown(tmp_path / "records")
     assert text == leaderboard.render_markdown(tmp_path / "records")
     rows = [line for line in text.splitlines() if line.startswith("| ") and "tiny/" in line]
-    assert rows[0].startswith("| 1 |") and "2026-01-02_better" in rows[0] and "better / run" in rows[0]
-    assert rows[1].startswith("| 2 |") and first.name in rows[1]
-    assert "alice, bob" in rows[1]
+    fid = {p.name: load_record(p)["metrics"]["fid"] for p in (first, second)}
+    order = sorted(fid, key=lambda name: (fid[name], name))
+    assert rows[0].startswith("| 1 |") and order[0] in rows[0] and rows[1].startswith("| 2 |") and order[1] in rows[1]
+    row = {name: r for name, r in zip(order, rows)}
+    assert "alice, bob" in row[first.name]
+    # record text is inert: an escaped pipe stays in its cell, no link or HTML from a contributor
+    assert "better \\| run" in row[second.name] and "eve \\[x\\](http://example.com) &lt;b&gt;" in row[second.name]
+    import re
+    cells = lambda r: len(re.findall(r"(?<!\\)\|", r))  # noqa: E731  (unescaped pipes)
+    assert cells(row[second.name]) == cells(row[first.name]) == cells(text.splitlines()[[
+        i for i, line in enumerate(text.splitlines()) if line.startswith("| # |")][0]])
+    # a record that fails the validator is not ranked, and is named as such
+    shutil.copytree(second, second.with_name(second.name + "-copy"))
+    _edit(second.with_name(second.name + "-copy"), lambda d: d["metrics"].update(fid=0.001))
+    text = leaderboard.render_markdown(tmp_path / "records")
+    assert len([line for line in text.splitlines() if line.startswith("| ") and "tiny/" in line]) == 2
+    assert f"`tiny/{second.name}-copy`" in text.split("## Not ranked")[1]
+    shutil.rmtree(second.with_name(second.name + "-copy"))
     out = tmp_path / "LEADERBOARD.md"
     assert leaderboard.main(["--records", str(tmp_path / "records"), "--out", str(out)]) == 0
     assert leaderboard.main(["--records", str(tmp_path / "records"), "--out", str(out), "--check"]) == 0
@@ -111,42 +149,59 @@ def test_leaderboard_is_rendered_from_records_deterministically(tiny_record, tmp
     assert [p.name for p in find_records(tmp_path / "records")] == sorted([first.name, second.name])
 
 
-def test_reproduction_verdicts(tiny_record, tmp_path, capsys):
-    _, track, _ = tiny_record
-    record_dir = _copy(tiny_record, tmp_path)
-    assert reproduce.main([str(record_dir), "--track", str(track)]) == 0
-    assert "REPRODUCED" in capsys.readouterr().out
-    # an edited metric no longer reproduces
-    _edit(record_dir, lambda d: d["metrics"].update(fid=d["metrics"]["fid"] * 1.5 + 1))
-    assert reproduce.main([str(record_dir), "--track", str(track)]) == 1
-    assert "NOT REPRODUCED" in capsys.readouterr().out
+def _reproduce(record_dir: Path, *extra: str) -> int:
+    return reproduce.main([str(record_dir), "--root", str(record_dir.parent.parent), *extra])
+
+
+def test_reproduction_verdicts(tiny_record, tmp_path, capsys, monkeypatch):
+    record_dir = _into_tree(tiny_record, tmp_path)
+    assert _reproduce(record_dir) == 0
+    out = capsys.readouterr().out
+    assert "REPRODUCED" in out and "fid (seed 1)" in out and "fid (mean)" in out and "exact" in out
+    # one seed's number changed (the stored output and the mean with it): that seed does not reproduce
+    import train as _train  # noqa: F401  (scoring runs through train.score_model)
+    real_score = _train.score_model
+
+    def shifted(model, spec, work, accelerator=None):
+        evaluation, a, b = real_score(model, spec, work, accelerator)
+        evaluation["runs"][1]["metrics"]["fid"] *= 2.0  # far outside any tolerance
+        return evaluation, a, b
+    monkeypatch.setattr(_train, "score_model", shifted)
+    assert _reproduce(record_dir) == 1
+    out = capsys.readouterr().out
+    assert "NOT REPRODUCED" in out and [l for l in out.splitlines() if l.startswith("fid (seed 1)")][0].endswith("NO")
+    # a recorded infinity can never be "within" a relative tolerance
+    assert not reproduce.within(float("-inf"), 1e9, {"rel": 0.05, "abs": 0.1})
 
 
 def test_reproduction_refuses_invalid_records(tiny_record, tmp_path, capsys):
     _, track, original = tiny_record
-    record_dir = _copy(tiny_record, tmp_path)
+    record_dir = _into_tree(tiny_record, tmp_path)
     # code hash that does not match the code in the log
     _edit(record_dir, lambda d: d.update(code_hash="0" * 64))
-    assert reproduce.main([str(record_dir), "--track", str(track)]) == 2
+    assert _reproduce(record_dir) == 2
     assert "is not the sha256 of the train.py embedded in its run log" in capsys.readouterr().err
     # a pickled checkpoint is refused even with a matching checksum
     shutil.copy(original / "record.json", record_dir / "record.json")
     (record_dir / "model.safetensors").rename(record_dir / "model.pt")
     _edit(record_dir, lambda d: d["artefacts"]["model"].update(path="model.pt"))
-    assert reproduce.main([str(record_dir), "--track", str(track)]) == 2
+    assert _reproduce(record_dir) == 2
     assert "model.pt is not a .safetensors file" in capsys.readouterr().err
-    # a record of another track
+    # the track comes from the tree's tracks/, by name: a record cannot bring its own tolerances
     shutil.copy(original / "record.json", record_dir / "record.json")
     (record_dir / "model.pt").rename(record_dir / "model.safetensors")
-    assert reproduce.main([str(record_dir), "--track", "digits"]) == 2
-    assert "is for track 'tiny'" in capsys.readouterr().err
+    assert reproduce.main([str(record_dir)]) == 2  # the repository's tree has no track 'tiny'
+    assert "track 'tiny' has no definition" in capsys.readouterr().err
+    # an off-budget record is refused before anything runs (eval.sh validates first)
+    _edit(record_dir, lambda d: d.update(iterations=3))
+    assert _reproduce(record_dir) == 2
+    assert "field 'iterations' is 3" in capsys.readouterr().err
 
 
 def test_reproduction_of_a_record_missing_a_field_exits_2(tiny_record, tmp_path, capsys):
-    _, track, _ = tiny_record
-    record_dir = _copy(tiny_record, tmp_path)
+    record_dir = _into_tree(tiny_record, tmp_path)
     _edit(record_dir, lambda d: d.pop("metrics"))
-    assert reproduce.main([str(record_dir), "--track", str(track)]) == 2
+    assert _reproduce(record_dir) == 2
     assert "record.json: missing field 'metrics'" in capsys.readouterr().err
 
 
@@ -181,6 +236,16 @@ def test_validator_accepts_a_genuine_record(tiny_record, tmp_path, capsys):
     (lambda d: d["evaluation"].update(num_steps=1), "differs from the track's protocol in \\['num_steps'\\]"),
     (lambda d: d.update(metric_runs=d["metric_runs"][:2]), "requires at least 3"),
     (lambda d: d["artefacts"]["samples"].update(sha256="0" * 64), "artefact samples .* has sha256"),
+    (lambda d: d["metrics"].update(fid=float("-inf")), "non-finite number -Infinity"),
+    (lambda d: d.update(metric_runs=[d["metric_runs"][0]] * 3), r"has the seeds \[0, 0, 0\]"),
+    (lambda d: d.update(metrics={}), r"field 'metrics' lacks \['fid', 'is'"),
+    (lambda d: d.update(date="2020-01-01"), "field 'date' is 2020-01-01, the folder is"),
+    (lambda d: d["dataset"].update(train_split="heldout"), r"'dataset' differs from the track's in \['train_split'\]"),
+    (lambda d: d.update(data_manifest_sha256="0" * 64), "trained on other data"),
+    (lambda d: d["config"].update(lr=1.0), r"'config' differs from the model file's in \['lr'\]"),
+    (lambda d: d["wall_clock"].update(train_seconds=d["wall_clock"]["train_seconds"] + 5), "the run log says"),
+    (lambda d: d.update(description="fine\n| 1 | 0.01 |"), "field 'description' contains control characters"),
+    (lambda d: d["artefacts"]["grid"].update(path="../grid.png"), "must be a file name inside the record folder"),
 ])
 def test_validator_rejects_tampered_records_naming_the_field(tiny_record, tmp_path, capsys, mutation, message):
     import re
@@ -213,32 +278,61 @@ def test_validator_rejects_missing_and_pickled_artefacts_and_forged_samples(tiny
     assert code == 1 and "re-scoring samples.npz gives" in out
 
 
-def test_significance_rule(tiny_record, tmp_path, capsys):
-    from records import validate
+def test_validator_reports_broken_records_and_copies_and_goes_on(tiny_record, second_record, tmp_path, capsys):
+    from preprocessing.shards import sha256_file
     first = _into_tree(tiny_record, tmp_path)
-    better = first.with_name("2099-01-01_better")
-    shutil.copytree(first, better)
-    shift = lambda runs, delta: [dict(r, metrics=dict(r["metrics"], fid=r["metrics"]["fid"] + delta + 0.01 * i))  # noqa: E731
-                                 for i, r in enumerate(runs)]
+    twin = first.with_name(first.name + "-mine")  # someone else's files, relabelled
+    shutil.copytree(first, twin)
+    _edit(twin, lambda d: d.update(contributors=["mallory"]))
+    code, out = _validate(twin, capsys)
+    assert code == 1 and "artefact model is the same file as record" in out
+    code, out = _validate(first, capsys)  # which of the two is the original is for git history to say
+    assert code == 1 and f"same file as record {twin.name}'s" in out
+    shutil.rmtree(twin)
+    broken = tmp_path / "records" / "tiny" / second_record.name
+    shutil.copytree(second_record, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    _edit(broken, lambda d: d["artefacts"]["model"].update(sha256=sha256_file(broken / "model.safetensors")))
+    from records import validate
+    code = validate.main([str(broken), str(first), "--root", str(tmp_path / "records"), "--no-rescore"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1 and lines[0].startswith(f"INVALID {broken}") and "not a readable exported model" in lines[0]
+    assert lines[-1].startswith(f"valid   {first}"), lines  # the next record is still judged
+    (broken / "model.safetensors").unlink()
+    (broken / "model.safetensors").symlink_to(first / "model.safetensors")
+    code, out = _validate(broken, capsys, "--no-rescore")
+    assert code == 1 and "is a symlink" in out
 
-    def improve(record_dir, delta):
+
+def test_significance_rule(tiny_record, second_record, tmp_path, capsys):
+    from records import validate
+    from preprocessing.shards import sha256_file
+    first = _into_tree(tiny_record, tmp_path)
+    better = tmp_path / "records" / "tiny" / second_record.name
+    shutil.copytree(second_record, better)
+    first_runs = json.loads((first / "record.json").read_text())["metric_runs"]
+
+    def set_fid(record_dir, delta):  # the first record's FIDs + delta (+ a little spread)
         data = json.loads((record_dir / "record.json").read_text())
-        runs = shift(data["metric_runs"], delta)
+        runs = [dict(r, metrics=dict(r["metrics"], fid=f["metrics"]["fid"] + delta + 0.01 * i))
+                for i, (r, f) in enumerate(zip(data["metric_runs"], first_runs))]
         stored = json.loads((record_dir / "metrics.json").read_text())
         stored["runs"] = runs
         (record_dir / "metrics.json").write_text(json.dumps(stored))
-        from preprocessing.shards import sha256_file
         data["metric_runs"] = runs
         data["metrics"]["fid"] = sum(r["metrics"]["fid"] for r in runs) / len(runs)
-        data["date"] = "2099-01-01"
         data["artefacts"]["evaluation"]["sha256"] = sha256_file(record_dir / "metrics.json")
         (record_dir / "record.json").write_text(json.dumps(data))
-    improve(better, -50.0)
+    set_fid(better, -50.0)
     code, out = _validate(better, capsys, "--claim-record", "--no-rescore")
     assert code == 0 and "NEW RECORD" in out
-    improve(better, 50.0 + 0.001)  # back to (about) the same numbers: no significant gain
+    set_fid(better, 0.001)  # the same numbers, about: no significant gain
     code, out = _validate(better, capsys, "--claim-record", "--no-rescore")
     assert code == 1 and "not a new record" in out
+    # a claim is judged against every other record, whatever dates they carry
+    set_fid(better, -50.0)
+    code, out = _validate(first, capsys, "--claim-record", "--no-rescore")
+    assert code == 1 and f"previous best" in out and better.name in out
     a = {"metric_runs": [{"metrics": {"fid": v}} for v in (1.0, 1.1, 0.9)]}
     b = {"metric_runs": [{"metrics": {"fid": v}} for v in (2.0, 2.1, 1.9)]}
     track = {"primary_metric": "fid", "lower_is_better": ["fid"]}
@@ -263,10 +357,31 @@ def test_leaderboard_spread_published_list_and_plot_are_deterministic(tiny_recor
     assert "records/tiny/leaderboard.png" in first_text and record_dir.name in first_text
 
 
-def test_retrain_reproduces_a_cheap_track(tiny_record, tmp_path, capsys):
-    base, track, _ = tiny_record
-    record_dir = _copy(tiny_record, tmp_path)
-    spec = json.loads(Path(track).read_text())
-    assert reproduce.main([str(record_dir), "--track", str(track), "--retrain"]) == (0 if spec.get("retrain_allowed") else 2)
-    assert "REPRODUCED" in capsys.readouterr().out
-    assert reproduce.main([str(record_dir), "--track", "imagenet256_100k", "--retrain"]) == 2
+def test_retrain_reproduces_a_cheap_track(tiny_record, tmp_path, capsys, monkeypatch):
+    record_dir = _into_tree(tiny_record, tmp_path)
+    # a record naming a data folder of the reviewer's: re-training uses the track's data instead
+    victim = tmp_path / "my_data"
+    victim.mkdir()
+    (victim / "precious").write_text("x")
+    seen = []
+    real_main = train.main
+    monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or real_main(argv))
+    assert "--data_dir" not in reproduce.retrain_args({"config": {"data_dir": str(victim), "lr": 1.0}},
+                                                       tmp_path, "t.json")
+    assert _reproduce(record_dir, "--retrain") == 0
+    assert "REPRODUCED" in capsys.readouterr().out and "--data_dir" not in seen[0]
+    assert (victim / "precious").read_text() == "x"
+    # a record made by another train.py is not re-trained with this one unless asked
+    log = (record_dir / "train.log").read_text()
+    other = log.replace("\n", "\n# another version\n", 1)
+    (record_dir / "train.log").write_text(other)
+    from preprocessing.shards import sha256_file
+    _edit(record_dir, lambda d: (d.update(code_hash=train.code_hash(train.code_from_log(other))),
+                                 d["artefacts"]["log"].update(sha256=sha256_file(record_dir / "train.log"))))
+    assert _reproduce(record_dir, "--retrain") == 2
+    assert "Check out the commit whose train.py matches" in capsys.readouterr().err
+    # tracks not marked retrain_allowed refuse
+    spec = json.loads((tmp_path / "records" / "tracks" / "tiny.json").read_text())
+    (tmp_path / "records" / "tracks" / "tiny.json").write_text(json.dumps(spec | {"retrain_allowed": False}))
+    assert _reproduce(record_dir, "--retrain", "--other-code") == 2
+    assert "not cheap enough for --retrain" in capsys.readouterr().err
