@@ -828,8 +828,9 @@ def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_safetensors(path: Path, expected_format: str) -> tuple[dict, dict]:
-    """Loads tensors + metadata; never unpickles. Clear errors for missing/corrupt files."""
+def read_safetensors(path: Path, expected_format: str, with_tensors: bool = True) -> tuple[dict, dict]:
+    """Loads tensors (unless with_tensors is False) + metadata; never unpickles. Clear errors for
+    missing/corrupt files."""
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
@@ -837,7 +838,7 @@ def read_safetensors(path: Path, expected_format: str) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
     except Exception as e:  # safetensors raises several types for truncated/corrupt headers
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a readable safetensors "
                          f"file): {e}") from e
@@ -857,20 +858,7 @@ def _checkpoint_state(path: Path, metadata: dict) -> dict:
 
 def read_checkpoint_metadata(path: Path) -> dict:
     """A checkpoint's step, config and extra without reading its tensors."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a readable safetensors "
-                              f"file): {e}") from e
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {metadata.get('format')!r}, "
-                              f"expected {CHECKPOINT_FORMAT!r}")
-    return _checkpoint_state(path, metadata)
+    return _checkpoint_state(path, read_safetensors(path, CHECKPOINT_FORMAT, with_tensors=False)[1])
 
 
 def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
