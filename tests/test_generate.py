@@ -107,6 +107,27 @@ def test_generate_cli_rejects_a_bad_model_file(tmp_path, capsys):
     assert "model.safetensors is corrupt or truncated" in capsys.readouterr().err
 
 
+def test_generate_cli_names_the_track_and_settings_it_cannot_use(tmp_path, capsys):
+    import json
+
+    import train
+    cfg = train.Config(model="SiT-Digits/2", track="digits")
+    track = train.load_track("digits")
+    model = train.build_model(cfg, track)
+    train.export_model(tmp_path / "model.safetensors", model, cfg, track | {"name": "my_track"})
+    args = [str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "x.npz"), "--num_samples", "4",
+            "--num_steps", "1"]
+    assert generate.main(args) == 1  # trained on a track file that is not under records/tracks
+    assert "trained on track 'my_track': pass --track" in capsys.readouterr().err
+    (tmp_path / "my_track.json").write_text(json.dumps(track | {"name": "my_track"}))
+    assert generate.main(args + ["--track", str(tmp_path / "my_track.json"), "--path_drop_guidance", "true",
+                                 "--guidance_scale", "2"]) == 1
+    assert "path-drop guidance needs a model trained with SPRINT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a typo is not read as false
+        generate.main(args + ["--path_drop_guidance", "ture"])
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_generate_cli_kernels_triton_equals_torch(tmp_path, monkeypatch):
     """--kernels triton (the QK-norm/RoPE kernel before SDPA + the modulated norms, interpreted on
     CPU) samples the same images as --kernels torch from the same exported SR-DiT-style model."""
