@@ -261,6 +261,12 @@ def _is_hidden(parts: Sequence[str]) -> bool:
     return any(p.startswith(".") for p in parts)
 
 
+# A listing's marker for a folder (key None): a class folder is a class even when it holds no
+# image, so an empty synset folder does not shift every later class id (it shows up in the
+# report's empty_classes instead).
+FOLDER = None
+
+
 def _classify(
     raw: List[Tuple[str, Any, int]], layout: str
 ) -> Tuple[List[str], List[Entry], List[Tuple[str, str]]]:
@@ -270,6 +276,10 @@ def _classify(
     classes = set()
     for path, key, size in raw:
         parts = PurePosixPath(path).parts
+        if key is FOLDER:
+            if layout == "classes" and parts and not _is_hidden(parts[:1]):
+                classes.add(parts[0])
+            continue
         if _is_hidden(parts):
             skipped.append((path, "hidden file or folder"))
             continue
@@ -305,7 +315,7 @@ def _strip_prefix(raw: List[Tuple[str, Any, int]], prefix: Optional[str]) -> Tup
     for path, key, size in raw:
         if path.startswith(prefix + "/"):
             out.append((path[len(prefix) + 1 :], key, size))
-        else:
+        elif key is not FOLDER:  # the root folder itself (and folders beside it) are no files
             skipped.append((path, f"outside the archive root {prefix!r}"))
     return out, skipped
 
@@ -314,6 +324,10 @@ def _list_folder(root: Path) -> Tuple[List[Tuple[str, Any, int]], List[Tuple[str
     raw, skipped, fingerprint = [], [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
+        if Path(dirpath) == root:
+            for name in dirnames:  # the class folders, empty ones included (and in the resume key)
+                raw.append((name, FOLDER, 0))
+                fingerprint.append((name + "/", -1, 0))
         for filename in sorted(filenames):
             full = Path(dirpath) / filename
             rel = full.relative_to(root).as_posix()
@@ -338,7 +352,10 @@ def _tar_members(tar: tarfile.TarFile, base_offset: int, label: str) -> Tuple[Li
         while name.startswith("./"):
             name = name[2:]
         name = name.strip("/")
-        if not name or member.isdir():
+        if not name:
+            continue
+        if member.isdir():
+            by_name.setdefault(name + "/", (-1, 0))
             continue
         shown = f"{label}{name}"
         if not member.isfile():
@@ -350,7 +367,8 @@ def _tar_members(tar: tarfile.TarFile, base_offset: int, label: str) -> Tuple[Li
         if name in by_name:
             skipped.append((shown, "duplicate archive member (the later copy is used)"))
         by_name[name] = (base_offset + member.offset_data, member.size)
-    return [(n, (off, size), size) for n, (off, size) in by_name.items()], skipped
+    return [(n.rstrip("/"), FOLDER, 0) if n.endswith("/") else (n, (off, size), size)
+            for n, (off, size) in by_name.items()], skipped
 
 
 def _list_tar(path: Path, archive_root: Optional[str]) -> Tuple[str, List[Tuple[str, Any, int]], List[Tuple[str, str]]]:
@@ -363,22 +381,24 @@ def _list_tar(path: Path, archive_root: Optional[str]) -> Tuple[str, List[Tuple[
         ) from None
     with tar:
         raw, skipped = _tar_members(tar, 0, "")
+        files = [r for r in raw if r[1] is not FOLDER]
         nested = (
             archive_root is None
-            and raw
-            and all(len(PurePosixPath(p).parts) == 1 for p, _, _ in raw)
-            and any(p.endswith(".tar") for p, _, _ in raw)
+            and files
+            and all(len(PurePosixPath(p).parts) == 1 for p, _, _ in files)
+            and any(p.endswith(".tar") for p, _, _ in files)
         )
         if not nested:
             raw, more = _strip_prefix(raw, archive_root)
             return "tar", raw, skipped + more
         # The official ImageNet train tar: one <synset>.tar per class.
         inner_raw: List[Tuple[str, Any, int]] = []
-        for name, (offset, size), _ in sorted(raw):
+        for name, (offset, size), _ in sorted(files):
             if not name.endswith(".tar"):
                 skipped.append((name, "not a class archive (expected <class>.tar members)"))
                 continue
             cls = name[: -len(".tar")]
+            inner_raw.append((cls, FOLDER, 0))  # a class even if its archive is empty
             fobj = tar.fileobj
             fobj.seek(offset)
             try:
@@ -433,7 +453,10 @@ def _list_zip(path: Path, archive_root: Optional[str]) -> Tuple[List[Tuple[str, 
     with zf:
         for info in zf.infolist():
             name = info.filename.strip("/")
-            if info.is_dir() or not name:
+            if not name:
+                continue
+            if info.is_dir():
+                by_name.setdefault(name + "/", -1)
                 continue
             if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
                 skipped.append((name, "unsafe archive member name"))
@@ -441,7 +464,7 @@ def _list_zip(path: Path, archive_root: Optional[str]) -> Tuple[List[Tuple[str, 
             if name in by_name:
                 skipped.append((name, "duplicate archive member (the later copy is used)"))
             by_name[name] = info.file_size
-    raw = [(n, n, s) for n, s in by_name.items()]
+    raw = [(n.rstrip("/"), FOLDER, 0) if n.endswith("/") else (n, n, s) for n, s in by_name.items()]
     raw, more = _strip_prefix(raw, archive_root)
     return raw, skipped + more
 

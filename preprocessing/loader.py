@@ -30,6 +30,7 @@ import hashlib
 import os
 import queue
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
@@ -88,6 +89,34 @@ class Batch:
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    """Hand `item` to the consumer, unless the loader is stopped (then nobody will take it)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _produce(loader_ref, first: int, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: batches from `first` on into `q`, then None (or the failure)."""
+    cache: Dict[int, np.ndarray] = {}
+    step = first
+    try:
+        while not stop.is_set():
+            loader = loader_ref()
+            if loader is None or (loader.end_step is not None and step >= loader.end_step):
+                break
+            batch = loader.load(step, cache)
+            del loader  # no strong reference while waiting on the queue
+            _put(q, batch, stop)
+            step += 1
+        _put(q, None, stop)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        _put(q, _Failure(exc), stop)
 
 
 class ShardLoader:
@@ -210,28 +239,13 @@ class ShardLoader:
             images = images.pin_memory() if images is not None else None
         return Batch(step, idx, labels, latents, images)
 
-    def _producer(self, first: int, q: queue.Queue, stop: threading.Event) -> None:
-        cache: Dict[int, np.ndarray] = {}
-        step = first
-        try:
-            while not stop.is_set() and (self.end_step is None or step < self.end_step):
-                batch = self.load(step, cache)
-                while not stop.is_set():
-                    try:
-                        q.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                step += 1
-            q.put(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(_Failure(exc))
-
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(1, self.prefetch))
-        self._thread = threading.Thread(target=self._producer, args=(self._next_step, self._queue, self._stop),
-                                        name="ShardLoader", daemon=True)
+        # the thread holds the loader only weakly: a loader dropped without close() is collected,
+        # and its __del__ stops the thread (a bound method would keep both alive forever)
+        self._thread = threading.Thread(target=_produce, args=(weakref.ref(self), self._next_step, self._queue,
+                                                               self._stop), name="ShardLoader", daemon=True)
         self._thread.start()
 
     def _shutdown(self) -> None:

@@ -70,6 +70,9 @@ def write_npz(path: PathLike, arrays: Dict[str, np.ndarray]) -> Path:
     return path
 
 
+ADM_STATISTICS_NETWORK = "inception_adm"
+
+
 def feature_statistics_arrays(images: np.ndarray, extractor_name: str, batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
     """ADM statistics of ``images`` under a registered feature extractor: mu, sigma (+ mu_s, sigma_s)."""
     from evaluations.features import get_feature_extractor
@@ -167,6 +170,9 @@ def images_from_folder(source: PathLike, resolution: int, *, flat: bool = False,
             pool.shutdown()
     if not kept:
         raise ValueError(f"{source}: no image could be converted ({len(skipped)} files skipped)")
+    if num_images is not None and len(kept) < int(num_images):  # a short reference is not comparable
+        raise ValueError(f"{source}: asked for {num_images} images, only {len(kept)} of {len(entries)} "
+                         f"candidates converted ({len(skipped)} files skipped)")
     source_order = np.argsort([i for i, _ in kept], kind="stable")
     images = np.stack([images[i] for i in source_order])
     labels = np.asarray([lab for _, lab in kept], dtype=np.int64)[source_order]
@@ -186,6 +192,8 @@ def images_from_shards(root: PathLike, split: str, *, num_images: Optional[int] 
     from preprocessing.shards import ShardDataset
 
     ds = ShardDataset(root, split, verify=verify)
+    if num_images is not None and num_images > len(ds):
+        raise ValueError(f"{root}: asked for {num_images} images, split {split!r} has {len(ds)}")
     if num_images is not None and num_images < len(ds):
         idx = np.sort(np.random.Generator(np.random.PCG64(seed)).permutation(len(ds))[: int(num_images)])
     else:
@@ -204,6 +212,9 @@ def build_reference(out: PathLike, *, folder: Optional[PathLike] = None, shards:
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the reference batch must be an .npz file")
+    if features and features != ADM_STATISTICS_NETWORK:  # mu/sigma, mu_s/sigma_s mean Inception's
+        raise ValueError(f"--features {features}: ADM reference statistics are Inception "
+                         f"({ADM_STATISTICS_NETWORK}) statistics; other networks' are not stored")
     report = None
     if folder is not None:
         if not resolution:
@@ -241,8 +252,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--flat", action="store_true", help="the folder has no class sub-folders (no labels)")
     parser.add_argument("--num-images", type=int, default=None, help="keep a seeded random subset of this many")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
-    parser.add_argument("--features", default=None,
-                        help="feature extractor (evaluations.features registry) for mu/sigma statistics")
+    parser.add_argument("--features", default=None, choices=[ADM_STATISTICS_NETWORK],
+                        help="store ADM's mu/sigma (pool_3) and mu_s/sigma_s (mixed_6/conv) statistics of "
+                             "the arr_0 images (ADM's own files hold them over the whole training set)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     parser.add_argument("--min-size", type=int, default=None, help="skip images with a smaller short side")
     parser.add_argument("--alpha", choices=("white", "drop"), default="white")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -125,6 +126,23 @@ def test_a_dropped_loader_does_not_leave_its_thread_running(synthetic):
     gate.set()  # the producer finishes step 1 and returns, dropping the last reference
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_loaders_dropped_with_a_full_queue_are_collected_and_stop(synthetic):
+    """`for batch in loader: break` without close(): the producer must not keep the loader alive
+    (it holds it weakly), so garbage collection stops the thread."""
+    import gc
+    before = set(threading.enumerate())
+    for _ in range(3):
+        loader = ShardLoader(synthetic, "train", 8, seed=0, prefetch=2)  # endless: the queue fills up
+        next(loader)
+        time.sleep(0.3)
+        del loader
+    gc.collect()
+    deadline = time.time() + 10
+    while time.time() < deadline and [t for t in threading.enumerate() if t not in before and t.is_alive()]:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
 
 
 def test_bad_arguments_and_missing_latents(synthetic, tmp_path):

@@ -171,6 +171,37 @@ def test_tar_zip_and_nested_tar_give_the_same_dataset(zoo, converted, tmp_path):
         convert(gz, tmp_path / "gz", resolution=RES, workers=0, progress=False, log=lambda *a: None)
 
 
+def test_an_empty_class_folder_keeps_its_class_id_in_every_source_kind(tmp_path):
+    """n02 holds no image (only a hidden file): it is still class 1, n03's images are class 2, and
+    the report lists n02 as empty, whether the source is a folder, a tar, a zip or a nested tar."""
+    from PIL import Image
+    src = tmp_path / "src"
+    for cls in ("n01", "n03"):
+        (src / cls).mkdir(parents=True)
+        Image.fromarray(np.full((20, 20, 3), 100, np.uint8)).save(src / cls / "a.png")
+    (src / "n02").mkdir()
+    (src / "n02" / ".DS_Store").write_bytes(b"x")
+    tar_path, zip_path, nested = tmp_path / "s.tar", tmp_path / "s.zip", tmp_path / "nested.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(src, arcname="train")  # directory members included
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            zf.write(p, p.relative_to(src).as_posix() + ("/" if p.is_dir() else ""))
+    with tarfile.open(nested, "w") as outer:
+        for cls in ("n01", "n02", "n03"):
+            with tarfile.open(tmp_path / f"{cls}.tar", "w") as t:
+                for p in sorted((src / cls).glob("*.png")):
+                    t.add(p, arcname=p.name)
+            outer.add(tmp_path / f"{cls}.tar", arcname=f"{cls}.tar")
+    for source in (src, tar_path, zip_path, nested):
+        out = tmp_path / f"out_{source.name}"
+        convert(source, out, resolution=8, workers=0, progress=False, log=lambda *a: None)
+        ds = ShardDataset(out, "train")
+        assert ds.class_names == ["n01", "n02", "n03"], source
+        assert sorted(ds.labels.tolist()) == [0, 2], source
+        assert json.loads((out / "convert_report.json").read_text())["empty_classes"] == ["n02"], source
+
+
 def test_refusals_keep_existing_output(zoo, converted, tmp_path):
     src, _ = zoo
     before = _tree_bytes(converted)

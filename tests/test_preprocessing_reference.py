@@ -79,18 +79,39 @@ def test_digits_reference_rebuilt_byte_for_byte_with_statistics(digits_dir, tmp_
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == (digits_dir / REFERENCE_NAME).read_bytes()
 
+
+
+def test_statistics_are_inception_statistics_of_arr_0(heldout, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from conftest import random_inception
+    from evaluations import inception as I
     from evaluations.features import get_feature_extractor
     from evaluations.metrics import feature_statistics
-
-    stats = build_reference(tmp_path / "stats.npz", shards=digits_dir, split="heldout", features="digits_net",
-                            log=_quiet)
+    src, _ = heldout
+    model = random_inception(divisor=16)  # the real architecture, random weights, a sixteenth of the width
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
+              metadata={"format": I.FORMAT, "source_sha256": "ab" * 32})
+    monkeypatch.setenv("SPEEDRUN_INCEPTION_WEIGHTS", str(weights))
+    stats = build_reference(tmp_path / "stats.npz", folder=src, resolution=16, features="inception_adm",
+                            workers=0, progress=False, log=_quiet)
     with np.load(stats) as data:
         assert sorted(data.files) == ["arr_0", "labels", "mu", "mu_s", "sigma", "sigma_s"]
-        feats = get_feature_extractor("digits_net").extract(data["arr_0"])
+        feats = get_feature_extractor("inception_adm").extract(data["arr_0"])
         mu, sigma = feature_statistics(feats["pool"])
         np.testing.assert_allclose(data["mu"], mu, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(data["sigma"], sigma, rtol=1e-10, atol=1e-12)
-        assert data["sigma_s"].shape == (16 * 64, 16 * 64)
+        assert data["mu_s"].shape == (feats["spatial"].reshape(len(data["arr_0"]), -1).shape[1],)
+    # ADM's keys mean Inception statistics: another network's are refused, not stored under them
+    with pytest.raises(ValueError, match="ADM reference statistics are Inception"):
+        build_reference(tmp_path / "digits.npz", folder=src, resolution=16, features="digits_net",
+                        workers=0, progress=False, log=_quiet)
+    # more images than the source can give is an error, not a shorter (incomparable) batch
+    with pytest.raises(ValueError, match="asked for 1000 images, only"):
+        build_reference(tmp_path / "short.npz", folder=src, resolution=16, num_images=1000, workers=0,
+                        progress=False, log=_quiet)
+    assert not (tmp_path / "short.npz").exists()
 
 
 def test_failures_keep_an_existing_reference(tmp_path):
