@@ -144,18 +144,25 @@ def to_rgb(image: Image.Image, alpha: str = "white") -> Tuple[Image.Image, Optio
     """
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
-    mode = image.mode
-    if mode == "RGB":
-        return image, None
-    if mode in ("L", "1"):
-        return image.convert("L").convert("RGB"), f"greyscale {mode} -> RGB"
+    mode = source_mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image).astype(np.float64)
         grey = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB"), f"{mode} greyscale -> 8-bit -> RGB"
+        key = image.info.get("transparency")
+        image = Image.fromarray(grey, mode="L")
+        if not isinstance(key, int):
+            return image.convert("RGB"), f"{mode} greyscale -> 8-bit -> RGB"
+        image.info["transparency"] = int(np.rint(np.clip(key, 0, 65535) / 257.0))  # the key, mapped alike
+        mode = "L"
     if mode == "F":
         raise ValueError("unsupported mode F (32-bit float)")
-    has_alpha = mode in _ALPHA_SOURCE_MODES or (mode == "P" and "transparency" in image.info)
+    # an alpha channel, or a PNG tRNS colour key (palette, greyscale or RGB)
+    has_alpha = mode in _ALPHA_SOURCE_MODES or "transparency" in image.info
+    if mode == "RGB" and not has_alpha:
+        return image, None
+    if mode in ("L", "1") and not has_alpha:
+        return image.convert("L").convert("RGB"), f"greyscale {mode} -> RGB"
+    mode = source_mode
     if has_alpha:
         rgba = image.convert("RGBA")
         if alpha == "drop":

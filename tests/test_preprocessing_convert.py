@@ -69,6 +69,17 @@ def test_mode_conversions():
         to_rgb(Image.new("F", (2, 2)))
     image, reason, _ = decode_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "x.png", 8)
     assert image is None and reason
+    # a PNG tRNS colour key on greyscale, RGB and 16-bit greyscale images is transparency too
+    import io
+    keyed = {"L": (np.array([[17, 40]], np.uint8), 17), "RGB": (np.array([[[17] * 3, [40] * 3]], np.uint8), (17,) * 3),
+             "I;16": (np.array([[17 * 257, 40 * 257]], np.uint16), 17 * 257)}
+    for mode, (pixels, key) in keyed.items():
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG", transparency=key)
+        png = Image.open(io.BytesIO(buf.getvalue()))
+        rgb, note = to_rgb(png, "white")
+        assert np.asarray(rgb)[0].tolist() == [[255] * 3, [40] * 3] and "composited on white" in note, mode
+        assert np.asarray(to_rgb(png, "drop")[0])[0].tolist() == [[17] * 3, [40] * 3], mode  # ADM's reading
 
 
 # --------------------------------------------------------------------------- a whole folder
