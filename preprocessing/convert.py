@@ -19,7 +19,7 @@ killed resumes with the slices that are already done.  Slices lose their
 skipped files, so shards can hold fewer than ``shard_size`` images; slices
 in which every file was skipped produce no shard.  When every slice is done
 the shards are linked into a staging folder with consecutive numbers, the
-manifest is written, and the staging folder replaces ``OUT`` in one rename.
+manifest is written, and the staging folder replaces ``OUT`` in one atomic exchange.
 
 Byte-identical output: the listing order is sorted, each shard depends only
 on its own files, JSON is written with sorted keys, and nothing records time,

@@ -18,7 +18,10 @@ in ``.encode-state.json`` inside the dataset; a re-run with the same encoder
 skips those.  New latents are written under ``<split>/.encode/`` and moved
 beside the images only when every shard is done, followed by the manifest
 (atomic rename).  Until then the dataset stays exactly as it was; replacing
-existing latents needs ``--force``.
+existing latents needs ``--force``.  A kill during those final moves of a
+``--force`` run leaves old and new latents files under the old manifest: their
+sha256 checks fail (the trainer verifies on open) until the same ``encode
+--force`` is run again.
 """
 
 from __future__ import annotations

@@ -187,8 +187,26 @@ def save_npy(path: PathLike, array: np.ndarray) -> Dict[str, Any]:
     return _save_npy(Path(path), array)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the C library or the filesystem does not offer it."""
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def swap_into_place(staging: Path, out_dir: Path, tag: str) -> None:
-    """Atomically replaces out_dir by the finished staging directory (the old one is removed after)."""
+    """Replaces out_dir by the finished staging directory in one atomic exchange where the system
+    offers it (a reader sees the old dataset or the new one, never none); elsewhere in two renames,
+    between which out_dir is missing and the old dataset waits as .<name>.old-<tag>."""
+    if out_dir.exists() and _exchange(staging, out_dir):
+        _fsync_dir(out_dir.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # holds the old dataset now
+        return
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{tag}"

@@ -270,3 +270,25 @@ def test_partial_run_with_other_settings_is_refused(zoo, tmp_path):
     convert(src, tmp_path / "ds", resolution=RES, shard_size=5, workers=0, restart=True, progress=False,
             log=lambda *a: None)
     assert ShardDataset(tmp_path / "ds", "train").image_shape == (RES, RES, 3)
+
+
+def test_a_finished_dataset_replaces_the_old_one_in_one_step(tmp_path, monkeypatch):
+    """No moment without a dataset at OUT: the staging folder and OUT are exchanged atomically
+    (os.replace, the two-rename fallback, is never reached here); the old copy is removed."""
+    from preprocessing import shards
+    out, staging = tmp_path / "out", tmp_path / ".out.staging"
+    for folder, text in ((out, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(text)
+
+    def no_two_step(*_args):
+        raise AssertionError("replaced in two renames")
+    monkeypatch.setattr(shards.os, "replace", no_two_step)
+    shards.swap_into_place(staging, out, "t")
+    assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    staging.mkdir()
+    (staging / "manifest.json").write_text("newer")
+    monkeypatch.setattr(shards, "_exchange", lambda a, b: False)  # a system without renameat2
+    shards.swap_into_place(staging, out, "t")
+    assert (out / "manifest.json").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
