@@ -168,7 +168,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     track = load_track(args["track"] or Config.track)
     values = dataclasses.asdict(Config())
     values.update(track["train_defaults"])
-    values.update({k: v for k, v in args.items() if v is not None})
+    # (argparse reads a lone "--" value as an empty list)
+    values.update({k: " ".join(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
     unknown = set(values) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ConfigError(f"track {track['name']!r} train_defaults has unknown fields {sorted(unknown)}")
@@ -1202,6 +1203,10 @@ def train(cfg: Config) -> dict:
         if is_main:
             print(f"[train] --resume auto: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0",
                   flush=True)
+    # what this leg ran on and with which data, as records.validate reads them back
+    data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
+    log.line(f"environment: {json.dumps(env, sort_keys=True)}")
+    log.line(f"data_manifest_sha256: {data_manifest}")
     if is_main:
         print(f"[train] track {track['name']}: {cfg.model} ({n_params / 1e6:.2f}M parameters), "
               f"{cfg.iterations} iterations x global batch {cfg.global_batch} on {world} x {accelerator.device}; "
@@ -1278,7 +1283,7 @@ def train(cfg: Config) -> dict:
     checkpoint(step)
     log.line(f"training done: {step} iterations, train_time:{train_seconds:.1f}s")
     summary = {"run_dir": str(run_dir), "step": step, "train_seconds": train_seconds,
-               "data_manifest_sha256": sha256_file(Path(cfg.data_dir) / "manifest.json"),
+               "data_manifest_sha256": data_manifest,
                "parameters": n_params, "environment": env, "code_hash": code_hash(source)}
     if is_main:
         export_model(run_dir / "model.safetensors", ema, cfg, track)
@@ -1355,6 +1360,7 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
                summary: dict) -> dict:
     evaluation, sample_seconds, eval_seconds = score_model(ema, track, run_dir, accelerator)
     out = {"sample_seconds": sample_seconds, "eval_seconds": eval_seconds}
+    log.line(f"evaluation done: sample_seconds:{sample_seconds:.2f} eval_seconds:{eval_seconds:.2f}")
     if accelerator.is_main_process:
         metrics = evaluation["mean"]
         out |= {"metrics": metrics, "evaluation": evaluation}

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from records.record import find_records
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec", "recall": "Rec", "kd": "KD"}
@@ -46,18 +45,14 @@ def _cell(text) -> str:
 
 
 def _records_by_track(records_dir: Path) -> tuple[dict[str, list[dict]], list[str]]:
-    """Valid records per track (each with "_folder"), and the folders of the invalid ones."""
-    from records.validate import validate_record
+    """Valid records per track (each with "_folder"), and the folders of the invalid ones (named
+    only: `python -m records.validate <folder>` says why)."""
+    from records.validate import validate_tree
+    valid, invalid = validate_tree(records_dir, tracks_dir=_tracks_dir(records_dir))
     rows: dict[str, list[dict]] = {}
-    invalid = []
-    for folder in find_records(records_dir):
-        try:
-            record = validate_record(folder, _tracks_dir(records_dir), rescore=False)
-        except Exception:  # reported by name; `python -m records.validate <folder>` says why
-            invalid.append(f"{folder.parent.name}/{folder.name}")
-            continue
+    for folder, record in valid.items():
         rows.setdefault(record["track"], []).append(record | {"_folder": folder})
-    return rows, invalid
+    return rows, sorted(f"{f.parent.name}/{f.name}" for f in invalid)
 
 
 def _fmt(value: float) -> str:

@@ -16,9 +16,19 @@ from pathlib import Path
 RECORD_FORMAT = "speedrun-record-v1"
 RECORD_FILE = "record.json"
 SCHEMA_FILE = Path(__file__).resolve().parent / "schema.json"
-# artefacts copied from the run folder into the record folder
+# artefacts copied from the run folder into the record folder; besides these, every evaluation seed
+# after the first has its samples as "samples_seed<k>" (samples_seed<k>.npz)
 ARTEFACT_FILES = {"model": "model.safetensors", "log": "train.log", "samples": "samples.npz",
                   "grid": "grid.png", "evaluation": "metrics.json"}
+MAX_NUMBER = 1e15  # no field of a record is larger; a bigger number is a forgery or a bug
+
+
+def seed_samples_key(seed: int) -> str:
+    return f"samples_seed{seed}"
+
+
+def artefact_file_name(key: str) -> str:
+    return ARTEFACT_FILES.get(key, f"{key}.npz")
 
 
 class RecordError(ValueError):
@@ -46,7 +56,9 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
         n += 1
     record_dir.mkdir(parents=True)
     artefacts = {}
-    for key, name in ARTEFACT_FILES.items():
+    keys = list(ARTEFACT_FILES) + [seed_samples_key(r["seed"]) for r in summary["evaluation"]["runs"][1:]]
+    for key in keys:
+        name = artefact_file_name(key)
         shutil.copyfile(run_dir / name, record_dir / name)
         artefacts[key] = {"path": name, "sha256": sha256_file(record_dir / name)}
     train_s = summary["train_seconds"]
@@ -57,7 +69,7 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
         "format": RECORD_FORMAT, "track": track["name"], "date": date,
         "dataset": track["dataset"], "data_manifest_sha256": summary["data_manifest_sha256"],
         "description": cfg.description,
-        "contributors": [c.strip() for c in cfg.contributors.split(",") if c.strip()],
+        "contributors": [c.strip() for c in str(cfg.contributors).split(",") if c.strip()],
         "config": dataclasses.asdict(cfg), "code_hash": summary["code_hash"], "environment": env,
         "parameters": summary["parameters"], "iterations": summary["step"],
         "global_batch": cfg.global_batch, "images_seen": summary["step"] * cfg.global_batch,
@@ -78,10 +90,39 @@ def _refuse_constant(name: str):
     raise ValueError(f"non-finite number {name} (a metric must be a finite number)")
 
 
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:  # a reader would see the first value, the tools the last
+        raise ValueError(f"duplicate keys {repeated}")
+    return dict(pairs)
+
+
+def parse_json(text: str):
+    """JSON as records are read: no NaN or Infinity, no duplicate keys."""
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicate_keys)
+
+
 def _check_text(path: Path, where: str, text: str) -> None:
-    """Free-text fields end up in LEADERBOARD.md's table: no line breaks or other control characters."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise RecordError(f"{path}: field {where!r} contains control characters (line breaks, tabs...)")
+    """Free-text fields end up in LEADERBOARD.md's table: no line breaks, control characters, or
+    invisible formatting (bidi overrides, zero-width characters)."""
+    import unicodedata
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text):
+        raise RecordError(f"{path}: field {where!r} contains control or invisible formatting characters "
+                          "(line breaks, tabs, bidi overrides, zero-width characters...)")
+
+
+def _check_numbers(path: Path, value, where: str = "") -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)) and abs(value) > MAX_NUMBER:
+        raise RecordError(f"{path}: field {where!r} is {str(value)[:24]}, implausibly large")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(path, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_numbers(path, v, f"{where}.{i}")
 
 
 def artefact_path(record_dir: Path, record: dict, key: str) -> Path | None:
@@ -90,7 +131,7 @@ def artefact_path(record_dir: Path, record: dict, key: str) -> Path | None:
     record.json under its usual name, or None when it has not been downloaded."""
     art = record["artefacts"][key]
     record_dir = Path(record_dir)
-    name = art.get("path") or ARTEFACT_FILES.get(key, key)
+    name = art.get("path") or artefact_file_name(key)
     if Path(name).name != name or name in (".", "..") or "\\" in name:
         raise RecordError(f"{record_dir / RECORD_FILE}: artefact {key} path {name!r} must be a file name "
                           "inside the record folder")
@@ -110,8 +151,8 @@ def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
     if not path.is_file():
         raise RecordError(f"{path}: record file not found")
     try:
-        record = json.loads(path.read_text(), parse_constant=_refuse_constant)
-    except ValueError as e:  # JSONDecodeError is a ValueError; so is a NaN or an Infinity
+        record = parse_json(path.read_text())
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, duplicate keys, undecodable bytes
         raise RecordError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(record, dict):
         raise RecordError(f"{path}: expected a JSON object")
@@ -132,6 +173,7 @@ def load_record(record_dir: Path, check_artefacts: bool = False) -> dict:
                         + [(f"environment.{k}", v) for k, v in record["environment"].items()
                            if isinstance(v, str)]):
         _check_text(path, where, text)
+    _check_numbers(path, record)
     if check_artefacts:
         from preprocessing.shards import sha256_file
         for key, art in record["artefacts"].items():

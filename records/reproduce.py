@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from records.record import RecordError, artefact_path, load_record
+from records.record import RecordError, artefact_file_name, artefact_path, load_record, seed_samples_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,22 +64,30 @@ def retrain_args(record: dict, work: Path, track_arg: str) -> list[str]:
             "data_dir", "encoder_weights"}
     args = ["--track", track_arg, "--runs_dir", str(work), "--run_name", "retrain", "--write_record", "false"]
     for key, value in sorted(record["config"].items()):
-        if key not in skip:
-            args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        if key not in skip:  # --key=value: a value starting with "-" is not read as a flag
+            args.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")
     return args
 
 
 def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None = None,
-              retrain: bool = False, other_code: bool = False) -> tuple[bool, list[tuple]]:
+              retrain: bool = False, other_code: bool = False) -> tuple[bool, list[tuple], list[tuple]]:
     """Regenerates and rescores (or, with retrain, re-trains from the record's config first) with
     the track's protocol, and compares every seed's metrics and their mean with the record's,
-    within the track's tolerance. `root`: the records tree (its tracks/ defines the track)."""
+    within the track's tolerance. `root`: the records tree (its tracks/ defines the track).
+    Returns (every number within tolerance, the metric rows, each seed's sample comparison)."""
     import train
-    from records.validate import validate_record
+    from records.validate import validate_tree
 
     record_dir = Path(record_dir)
-    tracks_dir = Path(root or ROOT / "records") / "tracks"
-    record = validate_record(record_dir, tracks_dir, rescore=False)
+    root = Path(root or ROOT / "records")
+    tracks_dir = root / "tracks"
+    valid, invalid = validate_tree(root, only=[record_dir])  # the same verdict as records.validate's
+    if invalid:
+        mine = [reason for folder, reason in invalid.items() if folder.name == record_dir.name
+                and folder.parent.name == record_dir.parent.name]
+        if mine:
+            raise RecordError(mine[0])
+    record = next(r for f, r in valid.items() if f.name == record_dir.name and f.parent.name == record_dir.parent.name)
     track_file = tracks_dir / f"{record['track']}.json"
     spec = train.load_track(str(track_file))
     if retrain and not spec.get("retrain_allowed", False):
@@ -107,6 +115,7 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
         except (FileNotFoundError, ValueError) as e:
             raise RecordError(str(e)) from e
         evaluation, _, _ = train.score_model(model, spec, work)
+        samples = _compare_samples(record_dir, record, work)
     rows, ok = [], True
     reruns = {r["seed"]: r["metrics"] for r in evaluation["runs"]}
     for name, tol in spec.get("reproduction_tolerance", {}).items():
@@ -121,7 +130,30 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
             good = within(recorded, got, tol)
             ok &= good
             rows.append((f"{name} ({label})", recorded, got, tol, good))
-    return ok and bool(rows), rows
+    return ok and bool(rows), rows, samples
+
+
+def _compare_samples(record_dir: Path, record: dict, work: Path) -> list[tuple]:
+    """Each seed's regenerated images against the record's stored ones: identical, or how many
+    differ and by how much (a report for the reviewer: other CPUs and GPUs round differently)."""
+    import numpy as np
+    rows = []
+    for i, run in enumerate(record["metric_runs"]):
+        key = "samples" if i == 0 else seed_samples_key(run["seed"])
+        stored = artefact_path(record_dir, record, key) if key in record["artefacts"] else None
+        fresh = work / artefact_file_name(key)
+        if stored is None or not fresh.is_file():
+            continue
+        with np.load(stored) as a, np.load(fresh) as b:
+            x, y = a["arr_0"], b["arr_0"]
+        if x.shape != y.shape:
+            rows.append((f"{key}", f"shape {x.shape} vs {y.shape}"))
+            continue
+        differ = np.any(x != y, axis=tuple(range(1, x.ndim)))
+        largest = int(np.abs(x.astype(np.int16) - y).max()) if differ.any() else 0
+        rows.append((key, "identical" if not differ.any() else
+                     f"{int(differ.sum())} of {len(x)} images differ (largest pixel difference {largest})"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --retrain: allow a train.py other than the record's (the verdict says so)")
     args = parser.parse_args(argv)
     try:
-        ok, rows = reproduce(Path(args.record), Path(args.out) if args.out else None, Path(args.root),
-                             args.retrain, args.other_code)
+        ok, rows, samples = reproduce(Path(args.record), Path(args.out) if args.out else None,
+                                      Path(args.root), args.retrain, args.other_code)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2
@@ -147,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         tol_text = f"abs {tol.get('abs', 0)} / rel {tol.get('rel', 0)}"
         mark = "exact" if good and recorded == got else ("yes" if good else "NO")
         print(f"{name:<18} {fmt(recorded):>12} {fmt(got):>12} {tol_text:>22}  {mark}")
+    for key, text in samples:
+        print(f"{key:<18} regenerated vs the record's: {text}")
     verdict = "REPRODUCED" if ok else "NOT REPRODUCED"
     code = " (re-trained with a different train.py)" if args.retrain and args.other_code else ""
     print(f"[eval] {verdict}{code}: {args.record} ({sum(r[4] for r in rows)}/{len(rows)} numbers within "

@@ -27,17 +27,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from records.record import RecordError, artefact_path, find_records
+from records.record import RecordError, artefact_path, find_records, parse_json, seed_samples_key
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_FEATURE_NETWORKS = {"digits_net"}  # re-scoring needs no downloaded weights
 DEFAULT_SIGNIFICANCE = {"min_runs": 3, "p_value": 0.01}
+
+
+FOLDER_NAME = re.compile(r"\d{4}-\d{2}-\d{2}_[A-Za-z0-9._-]+")  # write_record's names
+TRACK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _track(record: dict, tracks_dir: Path) -> dict:
@@ -47,40 +53,128 @@ def _track(record: dict, tracks_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _model_file(path: Path) -> tuple[int, dict]:
-    """(parameter count, embedded config) of an exported model file."""
+def _sample_keys(record: dict) -> list[str]:
+    """The samples artefact of each evaluation seed, in the order of metric_runs."""
+    return ["samples"] + [seed_samples_key(r["seed"]) for r in record["metric_runs"][1:]]
+
+
+def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
+    """Checks an exported model file against the record (parameters, config, the architecture the
+    network is rebuilt from, the track) and returns the sha256 of its tensors (not of the file: a
+    re-saved copy of the same weights is the same model)."""
+    import dataclasses
+    import hashlib
+
+    import train
     from safetensors import safe_open
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            count = sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys())
+        with safe_open(str(path), framework="np") as fh:
             metadata = fh.metadata() or {}
-        return count, json.loads(metadata["config"])
-    except Exception as e:  # a corrupt header, no config metadata
+            digest, count = hashlib.sha256(), 0
+            for name in sorted(fh.keys()):
+                tensor = fh.get_tensor(name)
+                count += tensor.size
+                digest.update(f"{name}|{tensor.dtype.str}|{tensor.shape}|".encode())
+                digest.update(np.ascontiguousarray(tensor).tobytes())
+        embedded = json.loads(metadata["config"])
+        options = json.loads(metadata["options"])
+    except Exception as e:  # a corrupt header, missing metadata
         raise RecordError(f"{path}: not a readable exported model ({type(e).__name__}: {e})") from e
+    if count != record["parameters"]:
+        raise RecordError(f"{where}: field 'parameters' is {record['parameters']}, the model file has {count}")
+    if embedded != record["config"]:
+        keys = sorted(k for k in set(embedded) | set(record["config"]) if embedded.get(k) != record["config"].get(k))
+        raise RecordError(f"{where}: field 'config' differs from the model file's in {keys}")
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    cfg = train.Config(**{k: v for k, v in embedded.items() if k in fields})
+    teacher = (int(options.get("repa_dim", 0)), int(options.get("reg_dim", 0)))  # widths of the teacher
+    implied = dataclasses.asdict(train.model_options(cfg, teacher))
+    channels, size, _ = track["dataset"]["latent_shape"]
+    built = {"model": metadata.get("model"), "options": options, "input_size": metadata.get("input_size"),
+             "in_channels": metadata.get("in_channels"), "num_classes": metadata.get("num_classes"),
+             "track": metadata.get("track")}
+    wanted = {"model": cfg.model, "options": implied, "input_size": str(size), "in_channels": str(channels),
+              "num_classes": str(track["dataset"]["num_classes"]), "track": record["track"]}
+    if built != wanted:  # what generate and eval.sh rebuild the network from
+        keys = sorted(k for k in wanted if built[k] != wanted[k])
+        raise RecordError(f"{path}: the architecture in its metadata ({keys}) is not the one its config implies")
+    return digest.hexdigest()
+
+
+def _samples_digest(path: Path) -> str:
+    """sha256 of a sample batch's images (arr_0), whatever the zip around them."""
+    import hashlib
+
+    from evaluations.npz import NpzArrayReader
+    digest = hashlib.sha256()
+    with NpzArrayReader(path) as reader:
+        digest.update(f"{reader.dtype.str}|{reader.shape}|".encode())
+        for start in range(0, len(reader), 4096):
+            digest.update(reader.read(start, start + 4096).tobytes())
+    return digest.hexdigest()
+
+
+def _logged(log_text: str, key: str) -> list[str]:
+    """The values of every `key: value` line the run wrote (after its source)."""
+    from train import code_from_log
+    written = log_text[len(code_from_log(log_text)):]
+    return re.findall(rf"^{re.escape(key)}: (.*)$", written, re.M)
 
 
 def _check_log(where: Path, log_text: str, record: dict) -> None:
-    """The run log's config line and its last lines agree with record.json."""
-    from train import RESUME_MAY_CHANGE, code_from_log
-    log_text = log_text[len(code_from_log(log_text)):]  # what the run wrote, not its source
-    match = re.search(r"^config: (\{.*\})$", log_text, re.M)
-    if not match:
+    """The run log agrees with record.json: config, environment, data, iterations, times."""
+    from train import RESUME_MAY_CHANGE
+    configs = _logged(log_text, "config")
+    if not configs:
         raise RecordError(f"{where}: the run log has no config line")
-    logged = json.loads(match.group(1))
+    logged = json.loads(configs[0])
     differ = sorted(k for k in set(logged) | set(record["config"]) if k not in RESUME_MAY_CHANGE
                     and logged.get(k) != record["config"].get(k))
     if differ:
         raise RecordError(f"{where}: field 'config' differs from the run log's in {differ}")
-    done = re.findall(r"^training done: (\d+) iterations, train_time:([0-9.]+)s$", log_text, re.M)
+    environments = _logged(log_text, "environment")  # one per start: the last leg's counts
+    if not environments or json.loads(environments[-1]) != record["environment"]:
+        raise RecordError(f"{where}: field 'environment' is not the one the run log recorded")
+    manifests = set(_logged(log_text, "data_manifest_sha256"))
+    if manifests != {record["data_manifest_sha256"]}:
+        raise RecordError(f"{where}: field 'data_manifest_sha256' is not the data the run log recorded "
+                          f"({sorted(manifests)})")
+    done = re.findall(r"^(\d+) iterations, train_time:([0-9.]+)s$", "\n".join(_logged(log_text, "training done")),
+                      re.M)
     if not done:
         raise RecordError(f"{where}: the run log does not end its training ('training done' line missing)")
     iterations, seconds = int(done[-1][0]), float(done[-1][1])
     if iterations != record["iterations"]:
         raise RecordError(f"{where}: field 'iterations' is {record['iterations']}, the run log trained "
                           f"{iterations}")
-    if abs(seconds - record["wall_clock"]["train_seconds"]) > 0.051:  # the log prints 0.1 s
-        raise RecordError(f"{where}: field 'wall_clock.train_seconds' is {record['wall_clock']['train_seconds']}, "
-                          f"the run log says {seconds}")
+    clock = record["wall_clock"]
+    scored = re.findall(r"^sample_seconds:([0-9.]+) eval_seconds:([0-9.]+)$",
+                        "\n".join(_logged(log_text, "evaluation done")), re.M)
+    if not scored:
+        raise RecordError(f"{where}: the run log has no 'evaluation done' line")
+    for name, logged_value in (("train_seconds", seconds), ("sample_seconds", float(scored[-1][0])),
+                               ("eval_seconds", float(scored[-1][1]))):
+        if abs(logged_value - clock[name]) > 0.051:  # the log prints 0.1 s
+            raise RecordError(f"{where}: field 'wall_clock.{name}' is {clock[name]}, the run log says {logged_value}")
+
+
+def _check_derived(where: Path, record: dict) -> None:
+    """The numbers write_record derives from others (a table cell must not be a free claim).
+    Stored times are rounded to 0.01 s, derived values to their last digit: the check allows both."""
+    clock, env = record["wall_clock"], record["environment"]
+    train_s, total = clock["train_seconds"], clock["total_seconds"]
+    if abs(train_s + clock["sample_seconds"] + clock["eval_seconds"] - total) > 0.02:
+        raise RecordError(f"{where}: field 'wall_clock.total_seconds' is not the sum of its parts")
+    rates = {"throughput.iterations_per_second": (record["throughput"]["iterations_per_second"],
+                                                  record["iterations"], 1e-3),
+             "throughput.images_per_second": (record["throughput"]["images_per_second"], record["images_seen"], 0.1)}
+    for name, (stated, count, digit) in rates.items():
+        low, high = count / (train_s + 0.005), count / max(train_s - 0.005, 1e-9)
+        if not low - digit <= stated <= high + digit:
+            raise RecordError(f"{where}: field '{name}' is {stated}, its parts give {count / max(train_s, 1e-9):.4g}")
+    hours = total / 3600 * env["world_size"] if "gpu" in env else 0.0
+    if abs(record["gpu_hours"] - hours) > 1e-4 + 1e-3 * hours:
+        raise RecordError(f"{where}: field 'gpu_hours' is {record['gpu_hours']}, its parts give {hours:.4g}")
 
 
 def _check_runs(where: Path, record: dict, track: dict) -> None:
@@ -94,19 +188,52 @@ def _check_runs(where: Path, record: dict, track: dict) -> None:
     for i, run in enumerate(record["metric_runs"]):
         if not wanted <= set(run["metrics"]):
             raise RecordError(f"{where}: field 'metric_runs.{i}.metrics' lacks {sorted(wanted - set(run['metrics']))}")
-    if not wanted <= set(record["metrics"]):
-        raise RecordError(f"{where}: field 'metrics' lacks {sorted(wanted - set(record['metrics']))}")
+    if set(record["metrics"]) != set(record["metric_runs"][0]["metrics"]):
+        raise RecordError(f"{where}: field 'metrics' names other metrics than its runs")
+
+
+def _check_evaluation_output(where: Path, stored, record: dict, track: dict) -> None:
+    """metrics.json is the evaluation that produced the record: protocol, runs, mean, std."""
+    if not isinstance(stored, dict) or set(stored) != {"protocol", "runs", "mean", "std"}:
+        raise RecordError(f"{where}: artefact evaluation is not an evaluation output (protocol, runs, mean, std)")
+    if stored["protocol"] != track["evaluation"]:
+        raise RecordError(f"{where}: artefact evaluation was made with another protocol than the track's")
+    if stored["runs"] != record["metric_runs"]:
+        raise RecordError(f"{where}: field 'metric_runs' differs from the stored evaluation output")
+    for name, value in record["metrics"].items():
+        runs = np.array([r["metrics"][name] for r in record["metric_runs"]], dtype=np.float64)
+        std = float(runs.std(ddof=1)) if len(runs) > 1 else 0.0
+        for label, got, want in ((f"metrics.{name}", value, runs.mean()),
+                                 (f"mean.{name} of the evaluation output", stored["mean"].get(name), runs.mean()),
+                                 (f"std.{name} of the evaluation output", stored["std"].get(name), std)):
+            if got is None or not np.isclose(got, want, rtol=1e-9, atol=1e-12):
+                raise RecordError(f"{where}: field '{label}' is {got}, the runs give {want}")
 
 
 def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) -> dict:
     """Every check that needs no training or sampling. Raises RecordError naming the field.
-    Returns the record with "_unchecked": what could not be checked here (remote artefacts)."""
-    from records.reproduce import check_record
-
+    Returns the record with "_unchecked" (what could not be checked here) and "_content" (the
+    sha256 of its model's tensors and of each sample batch's images: what twins share)."""
     record_dir = Path(record_dir)
     where = record_dir / "record.json"
+    try:
+        return _validate(record_dir, where, Path(tracks_dir), rescore)
+    except RecordError:
+        raise
+    except Exception as e:  # whatever a malformed record breaks, it is an invalid record
+        raise RecordError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) -> dict:
+    from records.reproduce import check_record
+
+    if record_dir.is_symlink() or record_dir.parent.is_symlink():
+        raise RecordError(f"{record_dir}: a record folder is a folder of its own, not a link")
+    if not FOLDER_NAME.fullmatch(record_dir.name) or not TRACK_NAME.fullmatch(record_dir.parent.name):
+        raise RecordError(f"{record_dir}: record folders are named records/<track>/<date>_<slug> with "
+                          "letters, digits, '.', '_' and '-' only")
     record = check_record(record_dir)  # schema, checksums, safetensors only, code hash vs log
-    unchecked = []
+    unchecked, content = [], {}
     try:
         date = datetime.date.fromisoformat(record["date"])
     except ValueError as e:
@@ -138,21 +265,20 @@ def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) ->
     if track.get("parameter_cap") and record["parameters"] > track["parameter_cap"]:
         raise RecordError(f"{where}: field 'parameters' ({record['parameters']}) is over the track's cap "
                           f"{track['parameter_cap']}")
+    _check_runs(where, record, track)
+    for key in ["model"] + _sample_keys(record):  # large artefacts: remote only where the track allows
+        if key not in record["artefacts"]:
+            raise RecordError(f"{where}: field 'artefacts' lacks {key!r}")
+        if artefact_path(record_dir, record, key) is None:
+            if not track.get("remote_artefacts", False):
+                raise RecordError(f"{where}: artefact {key} is remote; track {record['track']!r} keeps its "
+                                  "artefacts in the record folder")
+            unchecked.append(f"{key} (remote, not downloaded)")
     model_file = artefact_path(record_dir, record, "model")
-    if model_file is None:
-        unchecked.append("the model file (remote, not downloaded): parameters and config")
-    else:
-        counted, embedded = _model_file(model_file)
-        if counted != record["parameters"]:
-            raise RecordError(f"{where}: field 'parameters' is {record['parameters']}, the model file has {counted}")
-        if embedded != record["config"]:
-            keys = sorted(k for k in set(embedded) | set(record["config"])
-                          if embedded.get(k) != record["config"].get(k))
-            raise RecordError(f"{where}: field 'config' differs from the model file's in {keys}")
+    if model_file is not None:
+        content["model"] = _model_file(where, model_file, record, track)
     _check_log(where, _local(record_dir, record, "log").read_text(), record)
-    clock = record["wall_clock"]
-    if abs(clock["train_seconds"] + clock["sample_seconds"] + clock["eval_seconds"] - clock["total_seconds"]) > 0.02:
-        raise RecordError(f"{where}: field 'wall_clock.total_seconds' is not the sum of its parts")
+    _check_derived(where, record)
     if record["evaluation"] != track["evaluation"]:
         keys = sorted(k for k in set(record["evaluation"]) | set(track["evaluation"])
                       if record["evaluation"].get(k) != track["evaluation"].get(k))
@@ -161,32 +287,30 @@ def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) ->
     if len(record["metric_runs"]) < rule["min_runs"]:
         raise RecordError(f"{where}: field 'metric_runs' has {len(record['metric_runs'])} runs, the track "
                           f"requires at least {rule['min_runs']}")
-    _check_runs(where, record, track)
     try:
-        stored = json.loads(_local(record_dir, record, "evaluation").read_text())
+        stored = parse_json(_local(record_dir, record, "evaluation").read_text())
     except ValueError as e:
         raise RecordError(f"{where}: artefact evaluation is not valid JSON: {e}") from None
-    if stored.get("runs") != record["metric_runs"]:
-        raise RecordError(f"{where}: field 'metric_runs' differs from the stored evaluation output")
-    for name, value in record["metrics"].items():
-        mean = float(np.mean([r["metrics"][name] for r in record["metric_runs"]]))
-        if not np.isclose(value, mean, rtol=1e-9, atol=1e-12):
-            raise RecordError(f"{where}: field 'metrics.{name}' is {value}, the mean of its runs is {mean}")
-    samples = artefact_path(record_dir, record, "samples")
-    if rescore and samples is None:
-        unchecked.append("the samples (remote, not downloaded): re-scoring")
-    elif rescore and track["evaluation"]["feature_network"] in LOCAL_FEATURE_NETWORKS:
-        from evaluations.evaluate import evaluate_samples
-        try:
-            again = evaluate_samples(samples, track)
-        except ValueError as e:  # SampleFileError and protocol errors
-            raise RecordError(f"{where}: artefact samples cannot be scored: {e}") from None
-        first = record["metric_runs"][0]["metrics"]
-        for name, value in first.items():
-            if not np.isclose(again[name], value, rtol=1e-9, atol=1e-12):
-                raise RecordError(f"{where}: field 'metric_runs.0.metrics.{name}' is {value}, re-scoring "
-                                  f"samples.npz gives {again[name]}")
-    return record | {"_unchecked": unchecked}
+    _check_evaluation_output(where, stored, record, track)
+    local_scoring = track["evaluation"]["feature_network"] in LOCAL_FEATURE_NETWORKS
+    for i, key in enumerate(_sample_keys(record)):
+        samples = artefact_path(record_dir, record, key)
+        if samples is None:
+            continue
+        content[key] = _samples_digest(samples)
+        if rescore and local_scoring:  # every seed's samples score exactly as recorded
+            from evaluations.evaluate import evaluate_samples
+            try:
+                again = evaluate_samples(samples, track)
+            except ValueError as e:  # SampleFileError and protocol errors
+                raise RecordError(f"{where}: artefact {key} cannot be scored: {e}") from None
+            for name, value in record["metric_runs"][i]["metrics"].items():
+                if not np.isclose(again[name], value, rtol=1e-9, atol=1e-12):
+                    raise RecordError(f"{where}: field 'metric_runs.{i}.metrics.{name}' is {value}, re-scoring "
+                                      f"{samples.name} gives {again[name]}")
+    if rescore and not local_scoring:
+        unchecked.append("re-scoring (the track's feature networks are not available offline)")
+    return record | {"_unchecked": unchecked, "_content": content}
 
 
 def _local(record_dir: Path, record: dict, key: str) -> Path:
@@ -195,6 +319,41 @@ def _local(record_dir: Path, record: dict, key: str) -> Path:
         raise RecordError(f"{record_dir / 'record.json'}: artefact {key} must be a file of the record folder, "
                           "not a URL")
     return file
+
+
+def _absolute(path: Path) -> Path:
+    """One name per folder (links are not resolved: a linked record folder is refused as such)."""
+    return Path(os.path.abspath(path))
+
+
+def validate_tree(root: Path, rescore: bool = False, tracks_dir: Path | None = None,
+                  only: list[Path] | None = None) -> tuple[dict, dict]:
+    """Every record of a records tree (or `only` these, judged against the whole tree):
+    ({folder: record} valid, {folder: reason} invalid). Records that share a model or sample
+    batch (the same tensors or images, whatever their files' bytes) are all invalid: which one is
+    the original is for the repository's history to say."""
+    root = Path(root)
+    tracks_dir = Path(tracks_dir) if tracks_dir else root / "tracks"
+    checked = {_absolute(f) for f in only} if only is not None else None
+    valid, invalid = {}, {}
+    for folder in sorted({_absolute(f) for f in find_records(root)} | (checked or set())):
+        try:
+            deep = rescore and (checked is None or folder in checked)
+            valid[folder] = validate_record(folder, tracks_dir, rescore=deep) | {"_folder": folder.name}
+        except RecordError as e:
+            invalid[folder] = str(e)
+    owners: dict[str, list[Path]] = {}
+    for folder, record in valid.items():
+        for digest in set(record["_content"].values()):
+            owners.setdefault(digest, []).append(folder)
+    for folders in owners.values():
+        for folder in folders:
+            if len(folders) > 1 and folder in valid:
+                others = ", ".join(sorted(f.name for f in folders if f != folder))
+                invalid[folder] = f"its model or samples are the same as record {others}'s"
+    for folder in invalid:
+        valid.pop(folder, None)
+    return valid, invalid
 
 
 def significance(candidate: dict, previous: dict, track: dict) -> float:
@@ -223,39 +382,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("records", nargs="*", help="record folders (default: every record under --root)")
     parser.add_argument("--root", default=str(ROOT / "records"))
-    parser.add_argument("--no-rescore", action="store_true", help="skip re-scoring samples.npz")
+    parser.add_argument("--no-rescore", action="store_true", help="skip re-scoring the sample batches")
     parser.add_argument("--claim-record", action="store_true",
-                        help="fail unless each given record significantly beats the best earlier record")
+                        help="fail unless each given record significantly beats the best other record")
     args = parser.parse_args(argv)
     root = Path(args.root)
     folders = [Path(r) for r in args.records] or find_records(root)
+    valid, invalid = validate_tree(root, rescore=not args.no_rescore, only=folders)
     ok = True
-    valid = {}  # every valid record of the tree: the peers a record is compared with
-    for folder in find_records(root):
-        try:
-            valid[folder.resolve()] = validate_record(folder, root / "tracks", rescore=False) | {"_folder": folder.name}
-        except Exception:
-            pass  # reported below when it is one of the checked folders
-    for folder in folders:
-        try:
-            record = validate_record(folder, root / "tracks", rescore=not args.no_rescore) | {"_folder": folder.name}
-            for key in ("model", "samples"):
-                twins = [r["_folder"] for p, r in valid.items() if p != folder.resolve()
-                         and r["artefacts"][key]["sha256"] == record["artefacts"][key]["sha256"]]
-                if twins:
-                    raise RecordError(f"artefact {key} is the same file as record {twins[0]}'s")
-        except Exception as e:  # one broken record must not hide the verdict on the others
-            print(f"INVALID {folder}: {e if isinstance(e, RecordError) else f'{type(e).__name__}: {e}'}")
+    for shown in folders:
+        folder = _absolute(shown)
+        if folder not in valid:
+            print(f"INVALID {shown}: {invalid[folder]}")
             ok = False
             continue
+        record = valid[folder]
         track = json.loads((root / "tracks" / f"{record['track']}.json").read_text())
         rule = track.get("significance", DEFAULT_SIGNIFICANCE)
-        peers = [r for p, r in valid.items() if r["track"] == record["track"] and p != folder.resolve()]
+        peers = [r for p, r in valid.items() if r["track"] == record["track"] and p != folder]
         # a claim must beat every other record; otherwise the verdict is against earlier ones
         previous = best_of(peers, track) if args.claim_record else best_before(record, peers, track)
         metric = track["primary_metric"]
         if record["_unchecked"]:
-            print(f"note    {folder}: not checked here: {'; '.join(record['_unchecked'])}")
+            print(f"note    {shown}: not checked here: {'; '.join(record['_unchecked'])}")
         if previous is None:
             verdict = "first record of its track"
         else:
@@ -266,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{'<' if better else '>='} {rule['p_value']}: {'NEW RECORD' if better else 'not a new record'}")
             if args.claim_record and not better:
                 ok = False
-        print(f"valid   {folder}: {verdict}")
+        print(f"valid   {shown}: {verdict}")
     return 0 if ok else 1
 
 

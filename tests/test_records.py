@@ -158,6 +158,7 @@ def test_reproduction_verdicts(tiny_record, tmp_path, capsys, monkeypatch):
     assert _reproduce(record_dir) == 0
     out = capsys.readouterr().out
     assert "REPRODUCED" in out and "fid (seed 1)" in out and "fid (mean)" in out and "exact" in out
+    assert "samples_seed2      regenerated vs the record's: identical" in out
     # one seed's number changed (the stored output and the mean with it): that seed does not reproduce
     import train as _train  # noqa: F401  (scoring runs through train.score_model)
     real_score = _train.score_model
@@ -234,17 +235,23 @@ def test_validator_accepts_a_genuine_record(tiny_record, tmp_path, capsys):
     (lambda d: d.update(code_hash="a" * 64), "is not the sha256 of the train.py"),
     (lambda d: d.update(parameters=d["parameters"] - 1), "the model file has"),
     (lambda d: d["evaluation"].update(num_steps=1), "differs from the track's protocol in \\['num_steps'\\]"),
-    (lambda d: d.update(metric_runs=d["metric_runs"][:2]), "requires at least 3"),
+    (lambda d: d.update(metric_runs=d["metric_runs"][:2]), r"has the seeds \[0, 1\], the protocol's are"),
     (lambda d: d["artefacts"]["samples"].update(sha256="0" * 64), "artefact samples .* has sha256"),
     (lambda d: d["metrics"].update(fid=float("-inf")), "non-finite number -Infinity"),
     (lambda d: d.update(metric_runs=[d["metric_runs"][0]] * 3), r"has the seeds \[0, 0, 0\]"),
-    (lambda d: d.update(metrics={}), r"field 'metrics' lacks \['fid', 'is'"),
+    (lambda d: d.update(metrics={}), "field 'metrics' names other metrics than its runs"),
     (lambda d: d.update(date="2020-01-01"), "field 'date' is 2020-01-01, the folder is"),
     (lambda d: d["dataset"].update(train_split="heldout"), r"'dataset' differs from the track's in \['train_split'\]"),
     (lambda d: d.update(data_manifest_sha256="0" * 64), "trained on other data"),
     (lambda d: d["config"].update(lr=1.0), r"'config' differs from the model file's in \['lr'\]"),
     (lambda d: d["wall_clock"].update(train_seconds=d["wall_clock"]["train_seconds"] + 5), "the run log says"),
-    (lambda d: d.update(description="fine\n| 1 | 0.01 |"), "field 'description' contains control characters"),
+    (lambda d: d.update(description="fine\n| 1 | 0.01 |"), "field 'description' contains control or invisible"),
+    (lambda d: d.update(contributors=["al\u200bice", "x \u202e1.0 DIF"]), "'contributors.0' contains control or invisible"),
+    (lambda d: d.update(gpu_hours=10 ** 400), "implausibly large"),
+    (lambda d: d["environment"].update(gpu="NVIDIA H100"), "field 'environment' is not the one the run log recorded"),
+    (lambda d: d["throughput"].update(images_per_second=1e6), "field 'throughput.images_per_second' is 1000000.0"),
+    (lambda d: d["wall_clock"].update(sample_seconds=0.0, total_seconds=d["wall_clock"]["total_seconds"]
+                                      - d["wall_clock"]["sample_seconds"]), "'wall_clock.sample_seconds' is 0.0"),
     (lambda d: d["artefacts"]["grid"].update(path="../grid.png"), "must be a file name inside the record folder"),
 ])
 def test_validator_rejects_tampered_records_naming_the_field(tiny_record, tmp_path, capsys, mutation, message):
@@ -284,10 +291,24 @@ def test_validator_reports_broken_records_and_copies_and_goes_on(tiny_record, se
     twin = first.with_name(first.name + "-mine")  # someone else's files, relabelled
     shutil.copytree(first, twin)
     _edit(twin, lambda d: d.update(contributors=["mallory"]))
+    # the same tensors and images in other bytes: the model's metadata re-spaced, samples compressed
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(twin / "model.safetensors"), framework="np") as fh:
+        meta = fh.metadata()
+    save_file(load_file(str(twin / "model.safetensors")), str(twin / "model.safetensors"),
+              metadata=meta | {"config": json.dumps(json.loads(meta["config"]), indent=1)})
+    with np.load(twin / "samples.npz") as f:
+        arrays = dict(f)
+    np.savez_compressed(twin / "samples.npz", **arrays)
+    _edit(twin, lambda d: [d["artefacts"][k].update(sha256=sha256_file(twin / n))
+                           for k, n in (("model", "model.safetensors"), ("samples", "samples.npz"))])
     code, out = _validate(twin, capsys)
-    assert code == 1 and "artefact model is the same file as record" in out
+    assert code == 1 and "its model or samples are the same as record" in out
     code, out = _validate(first, capsys)  # which of the two is the original is for git history to say
-    assert code == 1 and f"same file as record {twin.name}'s" in out
+    assert code == 1 and f"the same as record {twin.name}'s" in out
+    assert f"`tiny/{first.name}`" in leaderboard.render_markdown(tmp_path / "records").split("## Not ranked")[1]
     shutil.rmtree(twin)
     broken = tmp_path / "records" / "tiny" / second_record.name
     shutil.copytree(second_record, broken)
@@ -304,6 +325,84 @@ def test_validator_reports_broken_records_and_copies_and_goes_on(tiny_record, se
     assert code == 1 and "is a symlink" in out
 
 
+def test_validator_checks_the_files_behind_the_record(tiny_record, tmp_path, capsys):
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from preprocessing.shards import sha256_file
+    first = _into_tree(tiny_record, tmp_path)
+    original = first.with_name(first.name + "-orig")
+    shutil.copytree(first, original)  # a pristine copy to restore from (outside the checks below)
+    (original / "record.json").rename(original / "record.keep")
+
+    def restore():
+        shutil.rmtree(first)
+        shutil.copytree(original, first)
+        (first / "record.keep").rename(first / "record.json")
+
+    def rehash(*names):
+        _edit(first, lambda d: [d["artefacts"][k].update(sha256=sha256_file(first / d["artefacts"][k]["path"]))
+                                for k in names])
+    # the architecture the network is rebuilt from must be the one its config implies
+    with safe_open(str(first / "model.safetensors"), framework="np") as fh:
+        meta = fh.metadata()
+    options = json.loads(meta["options"]) | {"rope": True, "norm": "rmsnorm"}
+    save_file(load_file(str(first / "model.safetensors")), str(first / "model.safetensors"),
+              metadata=meta | {"options": json.dumps(options)})
+    rehash("model")
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 1 and "the architecture in its metadata (['options'])" in out
+    restore()
+    # every evaluation seed's samples are re-scored, not only the first
+    with np.load(first / "samples_seed1.npz") as f:
+        arrays = dict(f)
+    arrays["arr_0"] = 255 - arrays["arr_0"]
+    np.savez(first / "samples_seed1.npz", **arrays)
+    rehash("samples_seed1")
+    code, out = _validate(first, capsys)
+    assert code == 1 and "re-scoring samples_seed1.npz gives" in out
+    restore()
+    # metrics.json is the evaluation output: its mean is checked too
+    stored = json.loads((first / "metrics.json").read_text())
+    stored["mean"]["fid"] = 0.01
+    (first / "metrics.json").write_text(json.dumps(stored))
+    rehash("evaluation")
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 1 and "'mean.fid of the evaluation output' is 0.01" in out
+    restore()
+    # a record that keeps its model elsewhere: refused on a track that keeps artefacts in the folder
+    (first / "model.safetensors").unlink()
+    _edit(first, lambda d: d["artefacts"].update(model={"url": "https://example.org/m.safetensors",
+                                                         "sha256": "0" * 64}))
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 1 and "artefact model is remote; track 'tiny' keeps its artefacts in the record folder" in out
+    spec = json.loads((tmp_path / "records" / "tracks" / "tiny.json").read_text())
+    (tmp_path / "records" / "tracks" / "tiny.json").write_text(json.dumps(spec | {"remote_artefacts": True}))
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 0 and "not checked here: model (remote, not downloaded)" in out
+    (tmp_path / "records" / "tracks" / "tiny.json").write_text(json.dumps(spec))
+    restore()
+    # duplicate keys: a reader would see the first value, the tools the last
+    text = (first / "record.json").read_text()
+    (first / "record.json").write_text(text.replace("{", '{"description": "decoy", ', 1))
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 1 and "duplicate keys ['description']" in out
+    restore()
+    shutil.rmtree(original)
+    # a folder name that is not <date>_<slug>, and a folder that is a link to another record
+    odd = first.with_name(first.name + " x")
+    shutil.copytree(first, odd)
+    code, out = _validate(odd, capsys, "--no-rescore")
+    assert code == 1 and "record folders are named" in out
+    shutil.rmtree(odd)
+    (first.parent / f"{first.name}-mirror").symlink_to(first)
+    code, out = _validate(first.parent / f"{first.name}-mirror", capsys, "--no-rescore")
+    assert code == 1 and "not a link" in out
+    # a description that starts with "-" is re-trained as a value, not read as a flag
+    assert "--description=-2%-FID" in reproduce.retrain_args({"config": {"description": "-2%-FID"}}, tmp_path, "t")
+
+
 def test_significance_rule(tiny_record, second_record, tmp_path, capsys):
     from records import validate
     from preprocessing.shards import sha256_file
@@ -317,10 +416,13 @@ def test_significance_rule(tiny_record, second_record, tmp_path, capsys):
         runs = [dict(r, metrics=dict(r["metrics"], fid=f["metrics"]["fid"] + delta + 0.01 * i))
                 for i, (r, f) in enumerate(zip(data["metric_runs"], first_runs))]
         stored = json.loads((record_dir / "metrics.json").read_text())
+        import numpy as np
+        fids = np.array([r["metrics"]["fid"] for r in runs])
         stored["runs"] = runs
+        stored["mean"]["fid"], stored["std"]["fid"] = float(fids.mean()), float(fids.std(ddof=1))
         (record_dir / "metrics.json").write_text(json.dumps(stored))
         data["metric_runs"] = runs
-        data["metrics"]["fid"] = sum(r["metrics"]["fid"] for r in runs) / len(runs)
+        data["metrics"]["fid"] = float(fids.mean())
         data["artefacts"]["evaluation"]["sha256"] = sha256_file(record_dir / "metrics.json")
         (record_dir / "record.json").write_text(json.dumps(data))
     set_fid(better, -50.0)
