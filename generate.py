@@ -355,10 +355,9 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> range:
     return range(min(rank * per, num_samples), min((rank + 1) * per, num_samples))
 
 
-def save_grid(images: np.ndarray, path: Path, columns: int = 10, upscale: int = 1) -> None:
-    """uint8 NHWC images -> one PNG grid (row-major), nearest-neighbour upscaled."""
-    from PIL import Image
-
+def grid_pixels(images: np.ndarray, columns: int = 10, upscale: int = 1) -> np.ndarray:
+    """uint8 NHWC images -> one grid image (row-major, 1 px gaps), nearest-neighbour upscaled:
+    HxW for one channel, HxWxC otherwise (what the PNG holds)."""
     n, h, w, c = images.shape
     rows = -(-n // columns)
     canvas = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, c), dtype=np.uint8)
@@ -366,7 +365,15 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 10, upscale: int = 
         r, col = divmod(i, columns)
         canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
     canvas = canvas.repeat(upscale, 0).repeat(upscale, 1)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    return canvas[..., 0] if c == 1 else canvas
+
+
+def protocol_grid(images: np.ndarray, track: dict, protocol: dict) -> np.ndarray:
+    """The grid a run shows of its samples: the first 100, one class per column with balanced
+    labels, upscaled to at least 64 px per image."""
+    data = track["dataset"]
+    return grid_pixels(images[:100], columns=data["num_classes"] if protocol.get("labels") == "balanced" else 10,
+                       upscale=max(1, 64 // data["resolution"]))
 
 
 def write_samples_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -421,8 +428,8 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
         for p in parts:
             p.unlink()
         if grid_path is not None:
-            save_grid(all_images[:100], Path(grid_path), columns=data["num_classes"] if
-                      protocol.get("labels") == "balanced" else 10, upscale=max(1, 64 // data["resolution"]))
+            from PIL import Image
+            Image.fromarray(protocol_grid(all_images, track, protocol)).save(Path(grid_path))
     if accelerator:
         accelerator.wait_for_everyone()
     return out_path

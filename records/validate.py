@@ -308,6 +308,13 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
                 if not np.isclose(again[name], value, rtol=1e-9, atol=1e-12):
                     raise RecordError(f"{where}: field 'metric_runs.{i}.metrics.{name}' is {value}, re-scoring "
                                       f"{samples.name} gives {again[name]}")
+    samples = artefact_path(record_dir, record, "samples")
+    if samples is not None:  # the grid shows the first seed's samples, as the run drew it
+        import generate
+        from PIL import Image
+        with np.load(samples) as batch, Image.open(_local(record_dir, record, "grid")) as grid:
+            if not np.array_equal(np.asarray(grid), generate.protocol_grid(batch["arr_0"], track, track["evaluation"])):
+                raise RecordError(f"{where}: artefact grid is not the grid of the record's samples")
     if rescore and not local_scoring:
         unchecked.append("re-scoring (the track's feature networks are not available offline)")
     return record | {"_unchecked": unchecked, "_content": content}

@@ -371,6 +371,13 @@ def test_validator_checks_the_files_behind_the_record(tiny_record, tmp_path, cap
     code, out = _validate(first, capsys, "--no-rescore")
     assert code == 1 and "'mean.fid of the evaluation output' is 0.01" in out
     restore()
+    # the grid is the grid of the samples
+    from PIL import Image
+    Image.new("L", (1, 1), 255).save(first / "grid.png")
+    rehash("grid")
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 1 and "artefact grid is not the grid of the record's samples" in out
+    restore()
     # a record that keeps its model elsewhere: refused on a track that keeps artefacts in the folder
     (first / "model.safetensors").unlink()
     _edit(first, lambda d: d["artefacts"].update(model={"url": "https://example.org/m.safetensors",
