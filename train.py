@@ -369,7 +369,9 @@ class Attention(nn.Module):
 def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False,
                 compiled: bool = False) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
-    used. auto: triton on CUDA when kernels.selfcheck passes, else torch; and torch for a
+    used. triton: refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
+    head_dim 72 with RoPE or QK-norm). auto: triton on CUDA when the model's shapes are served and
+    kernels.selfcheck passes, else torch (saying why on stderr); and torch for a
     torch.compile'd model, where inductor fuses the same ops itself (measured 2x faster than the
     compiled kernels when they were still graph breaks, benchmarks/RESULTS_GPU.md; they are
     custom operators now and compile into the graph, not yet re-measured). With Triton,
@@ -378,12 +380,23 @@ def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_atten
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = choice
-    if choice == "auto":
-        backend = "torch"
-        if device.type == "cuda" and not compiled:
-            import kernels
-            ok, _why = kernels.selfcheck(device)
-            backend = "triton" if ok else "torch"
+    if choice != "torch":
+        import kernels
+        opts = getattr(model, "opts", ModelOptions())
+        # attention reaches a kernel only with RoPE or QK-norm to fuse, or the flash kernel
+        attends = flash_attention or opts.rope or opts.qk_norm
+        shapes = {(m.heads * m.head_dim, m.head_dim if attends else None)
+                  for m in model.modules() if isinstance(m, Attention)}
+        problem = next((p for p in (kernels.unsupported_model_shape(*s) for s in shapes) if p), None)
+        if choice == "triton" and problem:
+            raise ConfigError(f"--kernels triton cannot run this model: {problem} (use auto or torch)")
+        if choice == "auto":
+            backend = "torch"
+            if device.type == "cuda" and not compiled:
+                ok, why = (False, problem) if problem else kernels.selfcheck(device)
+                backend = "triton" if ok else "torch"
+                if not ok:  # a broken kernel build must not pass for a slow GPU
+                    print(f"[kernels] --kernels auto: using torch ({why})", file=sys.stderr, flush=True)
     for module in model.modules():
         if isinstance(module, (Attention, SiTBlock)):
             module.backend = backend

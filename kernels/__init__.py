@@ -22,8 +22,8 @@ import torch
 
 from ._dispatch import (BACKENDS, deterministic_algorithms, resolve_backend, triton_available,
                         triton_status)
-from .flash import attention, attention_packed, qk_norm_rope
-from .adaln import gated_residual_modulated_rmsnorm, modulated_rmsnorm
+from .flash import HEAD_DIMS, attention, attention_packed, qk_norm_rope
+from .adaln import MAX_CHANNELS, gated_residual_modulated_rmsnorm, modulated_rmsnorm
 from .reference import (apply_rope, attention_reference, attention_torch,
                         gated_residual_modulated_rmsnorm_reference, modulated_rmsnorm_reference,
                         qk_prologue, rms_norm, rope_2d_angles, rope_2d_table)
@@ -34,7 +34,19 @@ __all__ = [
     "gated_residual_modulated_rmsnorm_reference", "modulated_rmsnorm",
     "modulated_rmsnorm_reference", "qk_norm_rope", "qk_prologue", "resolve_backend", "rms_norm",
     "rope_2d_angles", "rope_2d_table", "selfcheck", "triton_available", "triton_status",
+    "unsupported_model_shape",
 ]
+
+
+def unsupported_model_shape(width: int, head_dim: int | None = None) -> str | None:
+    """Why the kernels cannot serve a transformer of this width (and head_dim, when its attention
+    goes through a kernel) -- None when they can -- so a trainer can choose before its first
+    forward rather than fail in it."""
+    if head_dim is not None and head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} not in {HEAD_DIMS}"
+    if width > MAX_CHANNELS:
+        return f"width {width} > {MAX_CHANNELS} channels"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,18 +61,19 @@ def _selfcheck(device: str) -> tuple[bool, str]:
         b, h, n, d = 2, 2, 37, 64
         q, k, v = (torch.randn(b, h, n, d, generator=g).to(dev, dtype).requires_grad_()
                    for _ in range(3))
-        w = torch.randn(d, generator=g).to(dev).requires_grad_()
+        # distinct q and k norm weights: a kernel that swapped their gradients must fail
+        wq, wk = (torch.randn(d, generator=g).to(dev).requires_grad_() for _ in range(2))
         rope = rope_2d_table(6, 6, d, num_prefix_tokens=1, device=dev)
         outs = []
         # the torch reference, then both backward schemes of the Triton attention
         for backend, deterministic in (("torch", True), ("triton", True), ("triton", False)):
             with deterministic_algorithms(deterministic):
-                o = attention(q, k, v, rope=rope, q_norm_weight=w, k_norm_weight=w,
+                o = attention(q, k, v, rope=rope, q_norm_weight=wq, k_norm_weight=wk,
                               backend=backend)
-                pq, pk = qk_norm_rope(q, k, rope=rope, q_norm_weight=w, k_norm_weight=w,
+                pq, pk = qk_norm_rope(q, k, rope=rope, q_norm_weight=wq, k_norm_weight=wk,
                                       backend=backend)
                 loss = o.float().square().sum() + (pq.float() * pk.float()).sum()
-                grads = torch.autograd.grad(loss, (q, k, v, w))
+                grads = torch.autograd.grad(loss, (q, k, v, wq, wk))
             outs.append([o, pq, pk, *grads])
         for got in outs[1:]:
             for a, r in zip(got, outs[0]):

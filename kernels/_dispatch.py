@@ -64,7 +64,12 @@ def resolve_backend(backend: str, device: torch.device, problem: str | None) -> 
             ok, why = triton_status(device)
             if not ok:
                 raise RuntimeError(f"backend='triton' is unavailable: {why}")
-        elif device.type != "cpu":
+        elif device.type == "cpu":
+            try:
+                import triton  # noqa: F401  (interpreted on CPU, but still Triton)
+            except Exception as e:
+                raise RuntimeError(f"backend='triton' is unavailable: triton is not importable ({e})") from e
+        else:
             raise RuntimeError(f"backend='triton' supports CUDA and (interpreted) CPU tensors, "
                                f"not {device.type}")
         return "triton"

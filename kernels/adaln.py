@@ -245,6 +245,7 @@ def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     """rmsnorm(x) [* weight] * (1 + scale[:, None]) + shift[:, None] for x [B, N, C] and
     per-sample shift/scale [B, C]; maths in fp32; output in `out_dtype` (default x's dtype: pass
     the autocast dtype when a Linear consumes the result, to skip its input cast)."""
+    weight = None if weight is None else _unit_last(weight)  # the kernels index it as W + c
     problem = unsupported_reason(x, shift, scale, weight, out_dtype)
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.modulated_rmsnorm_reference(x, shift, scale, weight, eps, out_dtype)
@@ -258,6 +259,7 @@ def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: tor
                                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + gate[:, None] * u (the residual stream, x's dtype) and
     modulated_rmsnorm(h, shift, scale, weight) in one pass; returns (h, normalised h)."""
+    weight = None if weight is None else _unit_last(weight)  # the kernels index it as W + c
     problem = unsupported_reason(x, shift, scale, weight, out_dtype, u=u, gate=gate)
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.gated_residual_modulated_rmsnorm_reference(x, u, gate, shift, scale,

@@ -31,11 +31,12 @@ def _bhnd_buffer(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(b, n, h, d, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-def _rope_args(rope, q: torch.Tensor):
-    """(cos, sin, stride_b, stride_n) for the kernels, validated."""
-    b, _, n, d = q.shape
+def _check_rope(rope, q: torch.Tensor) -> None:
+    """RoPE tables [N, D/2] or [B, N, D/2], whatever the backend (the torch path would broadcast
+    a [1, D/2] table silently; the kernels would refuse it)."""
     if rope is None:
-        return q, q, 0, 0
+        return
+    b, _, n, d = q.shape
     cos, sin = rope
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}")
@@ -43,6 +44,18 @@ def _rope_args(rope, q: torch.Tensor):
             cos.dim() == 3 and cos.shape[0] not in (1, b)):
         raise ValueError(f"RoPE tables must be [N, D/2] or [B, N, D/2] = [{n}, {d // 2}] or "
                          f"[{b}, {n}, {d // 2}], got {tuple(cos.shape)}")
+
+
+def _weights(*weights):
+    """Norm weights with unit stride (the kernels index them as W + j)."""
+    return [None if w is None else _unit_last(w) for w in weights]
+
+
+def _rope_args(rope, q: torch.Tensor):
+    """(cos, sin, stride_b, stride_n) for the kernels (shapes checked by _check_rope)."""
+    if rope is None:
+        return q, q, 0, 0
+    cos, sin = rope
     cos = cos.to(device=q.device, dtype=torch.float32).contiguous()
     sin = sin.to(device=q.device, dtype=torch.float32).contiguous()
     stride_b = cos.stride(0) if cos.dim() == 3 and cos.shape[0] > 1 else 0
@@ -283,7 +296,7 @@ def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: T
 
 @_attention_packed_backward_op.register_fake
 def _(qkv, out, lse, dout, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
-    return (torch.empty_like(qkv), _weight_grad(q_norm_weight, qkv),
+    return (torch.empty_like(_unit_last(qkv)), _weight_grad(q_norm_weight, qkv),
             _weight_grad(k_norm_weight, qkv))
 
 
@@ -388,6 +401,7 @@ def unsupported_reason(q, k, v, rope=None, q_norm_weight=None, k_norm_weight=Non
         return "q, k, v must be 4-D [B, H, N, D]"
     if not (q.shape == k.shape == v.shape):
         return f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    _check_rope(rope, q)  # a malformed table is an error on every backend
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} not in {HEAD_DIMS}"
     if q.shape[2] < 1:
@@ -419,6 +433,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     q, k, v = autocast_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q_norm_weight, k_norm_weight = _weights(q_norm_weight, k_norm_weight)
     problem = unsupported_reason(q, k, v, rope, q_norm_weight, k_norm_weight)
     if resolve_backend(backend, q.device, problem) == "torch":
         return reference.attention_torch(q, k, v, rope=rope, q_norm_weight=q_norm_weight,
@@ -444,6 +459,7 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
     d = c3 // (3 * heads)
     scale = d ** -0.5 if scale is None else float(scale)
     q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    q_norm_weight, k_norm_weight = _weights(q_norm_weight, k_norm_weight)
     problem = unsupported_reason(q, k, v, rope, q_norm_weight, k_norm_weight)
     if resolve_backend(backend, qkv.device, problem) == "torch":
         o = reference.attention_torch(q, k, v, rope=rope, q_norm_weight=q_norm_weight,
@@ -468,6 +484,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
     [B, N, H, D] memory, the layout SDPA's fused backends read directly."""
     if rope is None and q_norm_weight is None and k_norm_weight is None:
         return q, k
+    q_norm_weight, k_norm_weight = _weights(q_norm_weight, k_norm_weight)
     problem = unsupported_reason(q, k, k, rope, q_norm_weight, k_norm_weight)
     if resolve_backend(backend, q.device, problem) == "torch":
         return (reference.qk_prologue(q, q_norm_weight, rope, eps, rope_interleaved),

@@ -66,7 +66,11 @@ def test_backward_ops_pass_opcheck():
     x, s = _t(2, 5, 64, grad=False), _t(2, 64, grad=False)
     y, rstd = adaln._modnorm_op(x, s, s, None, 1e-6, torch.float32)
     h, _, rstd_h = adaln._residual_op(x, x, s, s, s, None, 1e-6, torch.float32)
+    # a packed qkv whose last axis is not the unit-stride one (the real op copies it first)
+    qkv = _t(1, 32 * 3 * 2, 17, grad=False, seed=12).transpose(1, 2)
+    po, plse = flash._attention_packed_op(qkv.contiguous(), 2, cos, sin, qw, None, 0.2, 1e-6, True)
     cases = [
+        (flash._attention_packed_backward_op, (qkv, po, plse, po, 2, cos, sin, qw, None, 0.2, 1e-6, True)),
         (flash._attention_backward_op, (q, k, v, o, lse, do, cos, sin, qw, None, 0.2, 1e-6, True)),
         (flash._prologue_backward_op, (q, k, do, do, cos, sin, None, qw, 1e-6, True)),
         (adaln._modnorm_backward_op, (x, y, s, None, rstd)),
@@ -121,3 +125,71 @@ def test_whole_model_with_triton_kernels_compiles_in_one_graph(flash_attention):
     torch.testing.assert_close(results[1][0], results[0][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
+def test_strided_norm_weights_and_malformed_rope_tables():
+    """A norm weight that is a strided view (a column of a matrix) is used by value, not read as
+    if contiguous; a RoPE table of the wrong shape is an error on every backend, not a broadcast."""
+    q, k, v = (_t(1, 2, 17, 32, seed=i) for i in range(3))
+    columns = _t(32, 3, seed=20)
+    w = columns[:, 1]  # stride 3
+    rope = _rope()
+    for fn in (kernels.attention, kernels.qk_norm_rope):
+        want = fn(q, k, v, rope=rope, q_norm_weight=w, k_norm_weight=w, backend="torch") \
+            if fn is kernels.attention else fn(q, k, rope=rope, q_norm_weight=w, backend="torch")
+        got = fn(q, k, v, rope=rope, q_norm_weight=w, k_norm_weight=w, backend="triton") \
+            if fn is kernels.attention else fn(q, k, rope=rope, q_norm_weight=w, backend="triton")
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    x, s = _t(2, 5, 32, seed=21), _t(2, 32, seed=22)
+    torch.testing.assert_close(kernels.modulated_rmsnorm(x, s, s, w, backend="triton"),
+                               kernels.modulated_rmsnorm(x, s, s, w, backend="torch"), rtol=1e-4, atol=1e-4)
+    (grad_triton,) = torch.autograd.grad(kernels.modulated_rmsnorm(x, s, s, w, backend="triton").sum(), columns)
+    (grad_torch,) = torch.autograd.grad(kernels.modulated_rmsnorm(x, s, s, w, backend="torch").sum(), columns)
+    torch.testing.assert_close(grad_triton, grad_torch, rtol=1e-4, atol=1e-4)
+    one_angle = tuple(t[:1] for t in rope)  # [1, D/2]: one angle for every token
+    for backend in ("torch", "triton", "auto"):
+        with pytest.raises(ValueError, match="RoPE tables must be"):
+            kernels.attention(q, k, v, rope=one_angle, backend=backend)
+
+
+def test_trainer_chooses_kernels_the_model_can_use(monkeypatch, capsys):
+    """SiT-XL's head_dim 72 has no attention kernel: --kernels triton says so up front, auto
+    picks torch on a GPU and says why; without RoPE/QK-norm the attention needs no kernel."""
+    class OneLayer(torch.nn.Module):
+        def __init__(self, **opts):
+            super().__init__()
+            self.opts = train.ModelOptions(**opts)
+            self.attn = train.Attention(144, 2, self.opts, mixes_values=False)  # head_dim 72
+    with pytest.raises(train.ConfigError, match="head_dim 72 not in"):
+        train.set_kernels(OneLayer(rope=True), "triton", torch.device("cpu"))
+    assert train.set_kernels(OneLayer(), "triton", torch.device("cpu")) == "triton"
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: (True, "ok"))  # as on a working GPU
+    assert train.set_kernels(OneLayer(qk_norm=True), "auto", torch.device("cuda")) == "torch"
+    assert "--kernels auto: using torch (head_dim 72 not in" in capsys.readouterr().err
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "ptxas failed"))
+    assert train.set_kernels(OneLayer(), "auto", torch.device("cuda")) == "torch"
+    assert "using torch (ptxas failed)" in capsys.readouterr().err
+
+
+def test_selfcheck_catches_swapped_norm_weight_gradients(monkeypatch):
+    kernels._selfcheck.cache_clear()
+    real = flash._launch_bwd
+
+    def swapped(*args, **kw):
+        dqw, dkw = real(*args, **kw)
+        return dkw, dqw
+    monkeypatch.setattr(flash, "_launch_bwd", swapped)
+    try:
+        ok, why = kernels.selfcheck("cpu")
+    finally:
+        kernels._selfcheck.cache_clear()
+    assert not ok and "attention self-check mismatch" in why
+
+
+def test_triton_backend_without_triton_is_a_runtime_error(monkeypatch):
+    import sys
+    from kernels._dispatch import resolve_backend
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(RuntimeError, match="triton is not importable"):
+        resolve_backend("triton", torch.device("cpu"), None)
