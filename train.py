@@ -686,7 +686,8 @@ def _load_teacher_weights(path: str, sha256: str, model: nn.Module) -> dict:
                           "vit_base_patch14_dinov2.lvd142m (e.g. the model.safetensors of that timm "
                           "release); pass --encoder_sha256 to pin it")
     if not Path(path).is_file():
-        raise ConfigError(f"encoder weights {path} not found")
+        raise ConfigError(f"encoder weights {path} not found (DINOv2-B/14: the model.safetensors of timm's "
+                          "vit_base_patch14_dinov2.lvd142m)")
     if not path.endswith(".safetensors"):
         raise ConfigError(f"encoder weights {path}: only .safetensors files are loaded (no pickles)")
     if sha256 and sha256_file(path) != sha256:
@@ -931,6 +932,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoints/step_*.safetensors"))
 
 
+def default_run_name(cfg: Config) -> str:
+    """<date>_<model>_s<seed>, with -2, -3, ... when a fresh run would land in an earlier run's
+    folder (a resume keeps the plain name). Every rank computes the same name: nothing is written
+    before all ranks have joined the process group."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    base = f"{stamp}_{cfg.model.replace('/', '')}_s{cfg.seed}"
+    if cfg.resume:
+        return base
+    name, n = base, 2
+    while list_checkpoints(Path(cfg.runs_dir) / name):
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
 # =============================================================================================
 # Logging: a run log that carries its code and environment
 # =============================================================================================
@@ -1143,10 +1158,12 @@ def train(cfg: Config) -> dict:
 
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
     if not cfg.run_name:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-        cfg.run_name = f"{stamp}_{cfg.model.replace('/', '')}_s{cfg.seed}"
+        cfg.run_name = default_run_name(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     resume_path = _resolve_resume(cfg, run_dir)
+    if not resume_path and list_checkpoints(run_dir):  # its pruning would delete the new ones
+        raise ConfigError(f"run folder {run_dir} holds checkpoints of an earlier run: continue it with "
+                          "--resume auto, or start this one under another --run_name")
     if resume_path:  # before anything is built: the model follows the checkpoint's settings
         cfg = resumed_config(cfg, read_checkpoint_metadata(resume_path)["config"], resume_path)
     validate_config(cfg)
@@ -1240,7 +1257,8 @@ def train(cfg: Config) -> dict:
                             {"data_position": data_position, "world_size": world,
                              "train_seconds": train_seconds})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
-                old.unlink()
+                if old != path:  # never the one just written
+                    old.unlink()
         accelerator.wait_for_everyone()
 
     stepper = Stepper(cfg, accelerator, model, teacher, optimizer, ema, loader,

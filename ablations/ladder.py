@@ -3,7 +3,7 @@
     python -m ablations.ladder --track digits                  # run every rung, then write RESULTS.md
     python -m ablations.ladder --print                         # each rung's full train.sh command
     python -m ablations.ladder --track digits --render         # only re-render RESULTS.md + plot
-    python -m ablations.ladder --track digits --iterations 2   # smoke run (results marked as such)
+    python -m ablations.ladder --track digits --iterations 2 --out /tmp/ladder_smoke   # smoke run (marked as such)
 
 Rungs live in ablations/ladder.json and are cumulative. Each trained rung is a `train.py` run
 at the track's budget (records are not written: ablations are not submissions). Each rung is

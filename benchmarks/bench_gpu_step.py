@@ -1,7 +1,7 @@
 """End-to-end SR-DiT training step on one GPU: images/s, MFU, kernels on vs off.
 
     python benchmarks/bench_gpu_step.py [--batch 32] [--steps 20] [--json out.json]
-        [--variants torch,triton,torch+compile,triton+flash,...] [--public .srdit/time_step.py]
+        [--variants torch,triton,torch+compile,triton+flash,...] [--public benchmarks/public_srdit_step.py]
     python benchmarks/bench_gpu_step.py --device cpu --model SiT-S/1 --batch 2 --steps 1
         # a smoke run of the code path on CPU (the timings mean nothing)
 

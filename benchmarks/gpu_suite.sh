@@ -2,7 +2,7 @@
 # Every GPU check the harness owes, on one CUDA machine (about 12 minutes on an H100; the device
 # tool allows 10 minutes per command, so run it as two calls, e.g. --parts "kernels_tests
 # kernels_bench step" then --parts "step_compile extraction encode"):
-#   bash benchmarks/gpu_suite.sh [out_dir] [--public path/to/time_step.py] [--parts "step kernels_tests ..."]
+#   bash benchmarks/gpu_suite.sh [out_dir] [--public benchmarks/public_srdit_step.py] [--parts "step kernels_tests ..."]
 # Parts: kernels_tests, step (eager training step, kernels off/on, deterministic or not, profiled;
 # the public SR-DiT code when --public names its timing script), kernels_bench, extraction,
 # step_compile (the torch.compile'd step), encode. Each part has its own time limit and writes its
@@ -20,7 +20,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 mkdir -p "$OUT_DIR"
-PY="${SPEEDRUN_PYTHON:-python3}"
+# SPEEDRUN_PYTHON, else the harness's .venv when there is one, else python3 (a lent GPU machine's
+# own environment: no bootstrap here, such machines have no network)
+PY="${SPEEDRUN_PYTHON:-}"
+if [[ -z "$PY" ]]; then [[ -x .venv/bin/python ]] && PY=.venv/bin/python || PY=python3; fi
+# pytest-xdist is not pinned: spread the kernel tests over 8 workers only where it is installed
+XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 part() {  # part <name> <seconds> <command...>
@@ -39,7 +44,7 @@ tail -n 1 "$OUT_DIR/env.log"
 # 1. the kernel tests, bf16 included, compiled for this GPU (-v: names stream into the log even if
 #    the limit cuts the run short; tests/test_kernels_compile.py is the CPU-only ahead-of-time build;
 #    the custom-op checks on CUDA tensors, without the whole-model test, which runs interpreted)
-part kernels_tests 160 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider -n 8 tests/test_kernels_attention.py \
+part kernels_tests 160 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_attention.py \
   tests/test_kernels_norm.py tests/test_kernels_rope.py tests/test_kernels_ops.py -k "not whole_model"
 # 2. the end-to-end SR-DiT training step: kernels off vs on (prologue + SDPA, or the Triton flash
 #    kernel), deterministic or not (and the public code)

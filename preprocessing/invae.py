@@ -321,7 +321,8 @@ def load_invae(path: PathLike, sha256: str, config: INVAEConfig = INVAEConfig(),
     """Build the INVAE and load a ``.safetensors`` checkpoint after verifying its sha256."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        raise CheckpointError(f"{path}: checkpoint file not found (REPA-E's e2e-invae checkpoint, converted "
+                              "once with python -m preprocessing invae-convert-checkpoint: preprocessing/README.md)")
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix != ".safetensors" or head.startswith(_PICKLE_MAGIC):
@@ -371,7 +372,8 @@ def convert_checkpoint(src: PathLike, dst: PathLike, expected_sha256: Optional[s
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise CheckpointError(f"{src}: checkpoint file not found")
+        raise CheckpointError(f"{src}: checkpoint file not found (the REPA-E e2e-invae .pt: preprocessing/README.md "
+                              "says where it is published)")
     if expected_sha256:
         _check_sha256(src, expected_sha256)
     try:

@@ -407,7 +407,8 @@ def read_manifest(root: PathLike) -> Dict[str, Any]:
     """Load and structurally validate ``<root>/manifest.json``."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
-        raise ShardFormatError(f"{path}: missing file (not a speedrun-shards dataset directory?)")
+        raise ShardFormatError(f"{path}: missing file (not a speedrun-shards dataset directory? build one with "
+                               "python -m preprocessing convert, then encode: preprocessing/README.md)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -227,6 +227,8 @@ def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) ->
 def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) -> dict:
     from records.reproduce import check_record
 
+    if not where.is_file():
+        raise RecordError(f"{where}: record file not found (not a record folder?)")
     if record_dir.is_symlink() or record_dir.parent.is_symlink():
         raise RecordError(f"{record_dir}: a record folder is a folder of its own, not a link")
     if not FOLDER_NAME.fullmatch(record_dir.name) or not TRACK_NAME.fullmatch(record_dir.parent.name):

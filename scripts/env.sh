@@ -10,7 +10,9 @@ else
   STAMP="$VENV/.installed-requirements"
   WANT="$(cat "$ROOT/requirements.lock")"
   if [[ "${SPEEDRUN_EXTRAS:-}" == *tf* ]]; then WANT="$WANT$(cat "$ROOT/requirements-tf.txt")"; fi
-  if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+  HAVE="$(cat "$STAMP" 2>/dev/null || true)"
+  # an environment installed with the TF extra also serves a run without it (no reinstall)
+  if [[ ! -x "$VENV/bin/python" || ( "$HAVE" != "$WANT" && "$HAVE" != "$WANT$(cat "$ROOT/requirements-tf.txt")" ) ]]; then
     BASE_PY="$(command -v python3.11 || command -v python3)"
     if ! "$BASE_PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
       echo "[setup] Python 3.11 is required (found $("$BASE_PY" --version 2>&1)); or set SPEEDRUN_PYTHON" >&2

@@ -201,6 +201,21 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
+def test_a_fresh_run_never_shares_an_earlier_runs_folder(tmp_path, run_args):
+    """Pruning keeps the newest checkpoints by name: a fresh run in a folder with an earlier run's
+    higher-numbered checkpoints would lose its own. A named folder with checkpoints is refused
+    (unless resumed); the default name moves on to -2."""
+    train.train(train.parse_config(run_args + ["--run_name", "taken", "--write_record", "false"]))
+    with pytest.raises(train.ConfigError, match="holds checkpoints of an earlier run"):
+        train.train(train.parse_config(run_args + ["--run_name", "taken", "--iterations", "2"]))
+    cfg = train.parse_config(run_args)
+    first = train.default_run_name(cfg)
+    (tmp_path / "runs" / first / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / first / "checkpoints" / "step_00000006.safetensors").write_bytes(b"x")
+    assert train.default_run_name(cfg) == first + "-2"
+    assert train.default_run_name(train.parse_config(run_args + ["--resume", "auto"])) == first
+
+
 def test_checkpoints_without_optimizer_rng_or_step_are_rejected(tmp_path):
     from safetensors.torch import save_file
     model, ema, opt = _tiny_state()
