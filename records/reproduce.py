@@ -76,18 +76,16 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
     within the track's tolerance. `root`: the records tree (its tracks/ defines the track).
     Returns (every number within tolerance, the metric rows, each seed's sample comparison)."""
     import train
-    from records.validate import validate_tree
+    from records.validate import absolute_folder, validate_tree
 
     record_dir = Path(record_dir)
     root = Path(root or ROOT / "records")
     tracks_dir = root / "tracks"
     valid, invalid = validate_tree(root, only=[record_dir])  # the same verdict as records.validate's
-    if invalid:
-        mine = [reason for folder, reason in invalid.items() if folder.name == record_dir.name
-                and folder.parent.name == record_dir.parent.name]
-        if mine:
-            raise RecordError(mine[0])
-    record = next(r for f, r in valid.items() if f.name == record_dir.name and f.parent.name == record_dir.parent.name)
+    key = absolute_folder(record_dir)
+    if key in invalid:
+        raise RecordError(invalid[key])
+    record = valid[key]
     track_file = tracks_dir / f"{record['track']}.json"
     spec = train.load_track(str(track_file))
     if retrain and not spec.get("retrain_allowed", False):

@@ -330,7 +330,7 @@ def _local(record_dir: Path, record: dict, key: str) -> Path:
     return file
 
 
-def _absolute(path: Path) -> Path:
+def absolute_folder(path: Path) -> Path:
     """One name per folder (links are not resolved: a linked record folder is refused as such)."""
     return Path(os.path.abspath(path))
 
@@ -343,9 +343,9 @@ def validate_tree(root: Path, rescore: bool = False, tracks_dir: Path | None = N
     the original is for the repository's history to say."""
     root = Path(root)
     tracks_dir = Path(tracks_dir) if tracks_dir else root / "tracks"
-    checked = {_absolute(f) for f in only} if only is not None else None
+    checked = {absolute_folder(f) for f in only} if only is not None else None
     valid, invalid = {}, {}
-    for folder in sorted({_absolute(f) for f in find_records(root)} | (checked or set())):
+    for folder in sorted({absolute_folder(f) for f in find_records(root)} | (checked or set())):
         try:
             deep = rescore and (checked is None or folder in checked)
             valid[folder] = validate_record(folder, tracks_dir, rescore=deep) | {"_folder": folder.name}
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     valid, invalid = validate_tree(root, rescore=not args.no_rescore, only=folders)
     ok = True
     for shown in folders:
-        folder = _absolute(shown)
+        folder = absolute_folder(shown)
         if folder not in valid:
             print(f"INVALID {shown}: {invalid[folder]}")
             ok = False
