@@ -26,7 +26,7 @@ def test_rungs_are_cumulative_and_printable(capsys):
 @pytest.mark.slow
 def test_every_rung_trains_evaluates_and_renders(tmp_path, tiny_track):
     out = tmp_path / "out"
-    args = ["--track", str(tiny_track), "--out", str(out), "--runs_dir", str(tmp_path / "runs"),
+    args = ["--track", str(tiny_track), "--out", str(out), "--runs_dir", str(tmp_path / "runs"), "--seeds", "0",
             "--iterations", "2", "--eval_seeds", "0"]
     assert ladder.main(args) == 0
     results = json.loads((out / "results.json").read_text())
