@@ -86,6 +86,12 @@ def resolve_backend(backend: str, device: torch.device, problem: str | None) -> 
     return "torch"
 
 
+def unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` with unit stride on its last axis (the kernels index rows as base + column), copied only
+    when it is not; None stays None (absent norm weights)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def autocast_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Cast floating inputs to the autocast dtype when autocast is on for their device (the
     kernels act like the matmul-class ops autocast lowers), else to their common dtype."""

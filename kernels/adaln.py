@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _loader, reference
-from ._dispatch import resolve_backend
+from ._dispatch import resolve_backend, unit_last
 
 MAX_CHANNELS = 8192
 
@@ -16,10 +16,6 @@ def _next_pow2(x: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class _Plan:
@@ -109,7 +105,7 @@ def _empty_grad(like: Tensor) -> Tensor:
 def _modnorm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, eps: float,
                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(normalised and modulated x, rstd per token)."""
-    x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
+    x, shift, scale = unit_last(x), unit_last(shift), unit_last(scale)
     _, y, rstd = _fwd(x, None, None, shift, scale, weight, eps, out_dtype)
     return y, rstd
 
@@ -124,7 +120,7 @@ def _(x, shift, scale, weight, eps, out_dtype):
 def _modnorm_backward_op(x: Tensor, dy: Tensor, scale: Tensor, weight: Tensor | None,
                          rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d shift, d scale, d weight) with the [B, C] / [C] sums in fp32."""
-    dx, _, _, dshift, dscale, dw = _bwd(x, _unit_last(dy), None, None, None, scale, weight, rstd,
+    dx, _, _, dshift, dscale, dw = _bwd(x, unit_last(dy), None, None, None, scale, weight, rstd,
                                         x.dtype)
     return dx, dshift, dscale, _empty_grad(x) if dw is None else dw
 
@@ -139,7 +135,7 @@ def _(x, dy, scale, weight, rstd):
 
 def _modnorm_setup(ctx, inputs, output):
     x, shift, scale, weight, eps, out_dtype = inputs
-    ctx.save_for_backward(_unit_last(x), _unit_last(scale), weight, output[1])
+    ctx.save_for_backward(unit_last(x), unit_last(scale), weight, output[1])
     ctx.shift_dtype = shift.dtype
 
 
@@ -158,8 +154,8 @@ def _residual_op(x: Tensor, u: Tensor, gate: Tensor, shift: Tensor, scale: Tenso
                  weight: Tensor | None, eps: float,
                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(h = x + gate * u, modulated rmsnorm of h, rstd per token)."""
-    x, u = _unit_last(x), _unit_last(u)
-    gate, shift, scale = _unit_last(gate), _unit_last(shift), _unit_last(scale)
+    x, u = unit_last(x), unit_last(u)
+    gate, shift, scale = unit_last(gate), unit_last(shift), unit_last(scale)
     return _fwd(x, u, gate, shift, scale, weight, eps, out_dtype)
 
 
@@ -176,8 +172,8 @@ def _residual_backward_op(h: Tensor, dy: Tensor, dh: Tensor | None, u: Tensor, g
                           scale: Tensor, weight: Tensor | None,
                           rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, du, d gate, d shift, d scale, d weight) with the [B, C] / [C] sums in fp32."""
-    dx, du, dgate, dshift, dscale, dw = _bwd(h, _unit_last(dy),
-                                             None if dh is None else _unit_last(dh), u, gate,
+    dx, du, dgate, dshift, dscale, dw = _bwd(h, unit_last(dy),
+                                             None if dh is None else unit_last(dh), u, gate,
                                              scale, weight, rstd, h.dtype)
     return dx, du, dgate, dshift, dscale, _empty_grad(h) if dw is None else dw
 
@@ -194,7 +190,7 @@ def _(h, dy, dh, u, gate, scale, weight, rstd):
 def _residual_setup(ctx, inputs, output):
     x, u, gate, shift, scale, weight, eps, out_dtype = inputs
     h, _, rstd = output
-    ctx.save_for_backward(h, _unit_last(u), _unit_last(gate), _unit_last(scale), weight, rstd)
+    ctx.save_for_backward(h, unit_last(u), unit_last(gate), unit_last(scale), weight, rstd)
     ctx.shift_dtype = shift.dtype
 
 
@@ -245,7 +241,7 @@ def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     """rmsnorm(x) [* weight] * (1 + scale[:, None]) + shift[:, None] for x [B, N, C] and
     per-sample shift/scale [B, C]; maths in fp32; output in `out_dtype` (default x's dtype: pass
     the autocast dtype when a Linear consumes the result, to skip its input cast)."""
-    weight = None if weight is None else _unit_last(weight)  # the kernels index it as W + c
+    weight = unit_last(weight)  # the kernels index it as W + c
     problem = unsupported_reason(x, shift, scale, weight, out_dtype)
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.modulated_rmsnorm_reference(x, shift, scale, weight, eps, out_dtype)
@@ -259,7 +255,7 @@ def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: tor
                                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + gate[:, None] * u (the residual stream, x's dtype) and
     modulated_rmsnorm(h, shift, scale, weight) in one pass; returns (h, normalised h)."""
-    weight = None if weight is None else _unit_last(weight)  # the kernels index it as W + c
+    weight = unit_last(weight)  # the kernels index it as W + c
     problem = unsupported_reason(x, shift, scale, weight, out_dtype, u=u, gate=gate)
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.gated_residual_modulated_rmsnorm_reference(x, u, gate, shift, scale,

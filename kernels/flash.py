@@ -6,7 +6,7 @@ import os
 import torch
 
 from . import _loader, reference
-from ._dispatch import autocast_inputs, resolve_backend
+from ._dispatch import autocast_inputs, resolve_backend, unit_last
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128)
@@ -18,10 +18,6 @@ def _kernels(device: torch.device):
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _bhnd_buffer(like: torch.Tensor) -> torch.Tensor:
@@ -44,11 +40,6 @@ def _check_rope(rope, q: torch.Tensor) -> None:
             cos.dim() == 3 and cos.shape[0] not in (1, b)):
         raise ValueError(f"RoPE tables must be [N, D/2] or [B, N, D/2] = [{n}, {d // 2}] or "
                          f"[{b}, {n}, {d // 2}], got {tuple(cos.shape)}")
-
-
-def _weights(*weights):
-    """Norm weights with unit stride (the kernels index them as W + j)."""
-    return [None if w is None else _unit_last(w) for w in weights]
 
 
 def _rope_args(rope, q: torch.Tensor):
@@ -148,7 +139,7 @@ def _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, qw, kw, eps, interleaved)
     b, h, n, d = q.shape
     mod = _kernels(q.device)
     c, s, scb, scn = _rope_args(rope, q)
-    dqo, dko = _unit_last(dqo), _unit_last(dko)
+    dqo, dko = unit_last(dqo), unit_last(dko)
     meta = mod.PROLOGUE_META
     blocks = _cdiv(n, meta["BLOCK_N"])
     # per-program partial sums of the weight gradients (every row is written)
@@ -196,7 +187,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tens
                   q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, scale: float,
                   eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
     """(o, base-2 logsumexp) of softmax(scale P(q) P(k)^T) v on [B, H, N, D] tensors."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     rope = None if cos is None else (cos, sin)
     o = _bhnd_buffer(q)
     lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
@@ -215,10 +206,10 @@ def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tens
                            k_norm_weight: Tensor | None, scale: float, eps: float,
                            interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
-    q, k, v, o = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(o)
+    q, k, v, o = unit_last(q), unit_last(k), unit_last(v), unit_last(o)
     rope = None if cos is None else (cos, sin)
     dq, dk, dv = _bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v)
-    dqw, dkw = _launch_bwd(q, k, v, o, lse, _unit_last(do), dq, dk, dv, rope, q_norm_weight,
+    dqw, dkw = _launch_bwd(q, k, v, o, lse, unit_last(do), dq, dk, dv, rope, q_norm_weight,
                            k_norm_weight, scale, eps, interleaved)
     return dq, dk, dv, _or_empty(dqw, q), _or_empty(dkw, q)
 
@@ -258,7 +249,7 @@ def _attention_packed_op(qkv: Tensor, heads: int, cos: Tensor | None, sin: Tenso
                          scale: float, eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
     """The attention of a packed qkv [B, N, 3 * H * D] (the output of one Linear), read through
     strides; returns ([B, N, H * D] output, logsumexp) with no permute/contiguous copies."""
-    qkv = _unit_last(qkv)
+    qkv = unit_last(qkv)
     b, n, c3 = qkv.shape
     q, k, v = _unpack(qkv, heads)
     rope = None if cos is None else (cos, sin)
@@ -280,12 +271,12 @@ def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: T
                                   scale: float, eps: float,
                                   interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d qkv as one packed tensor, d q_norm_weight, d k_norm_weight)."""
-    qkv = _unit_last(qkv)
+    qkv = unit_last(qkv)
     b, n, c3 = qkv.shape
     d = c3 // (3 * heads)
     q, k, v = _unpack(qkv, heads)
-    o = _unit_last(out).view(b, n, heads, d).transpose(1, 2)
-    do = _unit_last(dout.reshape(b, n, heads, d).transpose(1, 2))
+    o = unit_last(out).view(b, n, heads, d).transpose(1, 2)
+    do = unit_last(dout.reshape(b, n, heads, d).transpose(1, 2))
     dqkv = torch.empty_like(qkv)
     dq, dk, dv = _unpack(dqkv, heads)
     rope = None if cos is None else (cos, sin)
@@ -296,7 +287,7 @@ def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: T
 
 @_attention_packed_backward_op.register_fake
 def _(qkv, out, lse, dout, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
-    return (torch.empty_like(_unit_last(qkv)), _weight_grad(q_norm_weight, qkv),
+    return (torch.empty_like(unit_last(qkv)), _weight_grad(q_norm_weight, qkv),
             _weight_grad(k_norm_weight, qkv))
 
 
@@ -325,7 +316,7 @@ def _prologue_op(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None,
     """(P(q), P(k)) with P = RoPE(RMSNorm(.)) (each optional) on [B, H, N, D] tensors, in one
     launch, for an attention implementation without a prologue (SDPA). Outputs are [B, H, N, D]
     views of [B, N, H, D] memory; the backward recomputes P from the inputs."""
-    q, k = _unit_last(q), _unit_last(k)
+    q, k = unit_last(q), unit_last(k)
     b, h, n, d = q.shape
     mod = _kernels(q.device)
     rope = None if cos is None else (cos, sin)
@@ -352,7 +343,7 @@ def _prologue_backward_op(q: Tensor, k: Tensor, dqo: Tensor, dko: Tensor, cos: T
                           k_norm_weight: Tensor | None, eps: float,
                           interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
-    q, k = _unit_last(q), _unit_last(k)
+    q, k = unit_last(q), unit_last(k)
     dq, dk = _bhnd_buffer(q), _bhnd_buffer(k)
     rope = None if cos is None else (cos, sin)
     dqw, dkw = _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, q_norm_weight, k_norm_weight,
@@ -433,7 +424,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     q, k, v = autocast_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q_norm_weight, k_norm_weight = _weights(q_norm_weight, k_norm_weight)
+    q_norm_weight, k_norm_weight = unit_last(q_norm_weight), unit_last(k_norm_weight)  # read as W + j
     problem = unsupported_reason(q, k, v, rope, q_norm_weight, k_norm_weight)
     if resolve_backend(backend, q.device, problem) == "torch":
         return reference.attention_torch(q, k, v, rope=rope, q_norm_weight=q_norm_weight,
@@ -459,7 +450,7 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
     d = c3 // (3 * heads)
     scale = d ** -0.5 if scale is None else float(scale)
     q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-    q_norm_weight, k_norm_weight = _weights(q_norm_weight, k_norm_weight)
+    q_norm_weight, k_norm_weight = unit_last(q_norm_weight), unit_last(k_norm_weight)  # read as W + j
     problem = unsupported_reason(q, k, v, rope, q_norm_weight, k_norm_weight)
     if resolve_backend(backend, qkv.device, problem) == "torch":
         o = reference.attention_torch(q, k, v, rope=rope, q_norm_weight=q_norm_weight,
@@ -484,7 +475,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
     [B, N, H, D] memory, the layout SDPA's fused backends read directly."""
     if rope is None and q_norm_weight is None and k_norm_weight is None:
         return q, k
-    q_norm_weight, k_norm_weight = _weights(q_norm_weight, k_norm_weight)
+    q_norm_weight, k_norm_weight = unit_last(q_norm_weight), unit_last(k_norm_weight)  # read as W + j
     problem = unsupported_reason(q, k, k, rope, q_norm_weight, k_norm_weight)
     if resolve_backend(backend, q.device, problem) == "torch":
         return (reference.qk_prologue(q, q_norm_weight, rope, eps, rope_interleaved),
