@@ -23,8 +23,7 @@ import numpy as np
 
 from evaluations import metrics as M
 from evaluations.features import get_feature_extractor
-from evaluations.npz import BatchFileError, SampleFileError  # noqa: F401  (SampleFileError is public here)
-from evaluations.weights import WeightsFileError
+from evaluations.npz import SampleFileError  # noqa: F401  (public here)
 
 IMAGENET_NETWORKS = ("inception_adm",)
 
@@ -148,7 +147,6 @@ def _main_imagenet(args, track: dict) -> int:
     from preprocessing.shards import atomic_write
 
     from evaluations.imagenet import Distributed, build_extractors, evaluate_imagenet
-    from evaluations.inception import InceptionGraphError
 
     dist = Distributed.from_environment()
     try:
@@ -158,7 +156,7 @@ def _main_imagenet(args, track: dict) -> int:
         report = evaluate_imagenet(Path(args.samples), track, extractors=extractors, batch_size=args.batch_size,
                                    cache_dir=args.cache_dir, reference_path=args.reference, dist=dist)
         check_protocol_metrics(report["metrics"], track)
-    except (BatchFileError, WeightsFileError, InceptionGraphError, ImportError, ValueError) as e:
+    except (ValueError, ImportError) as e:  # BatchFileError, WeightsFileError, InceptionGraphError too
         print(f"[evaluate] error: {e}", file=sys.stderr)
         return 1
     finally:

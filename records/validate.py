@@ -114,16 +114,15 @@ def _samples_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _logged(log_text: str, key: str) -> list[str]:
-    """The values of every `key: value` line the run wrote (after its source)."""
-    from train import code_from_log
-    written = log_text[len(code_from_log(log_text)):]
+def _logged(written: str, key: str) -> list[str]:
+    """The values of every `key: value` line in what a run wrote to its log."""
     return re.findall(rf"^{re.escape(key)}: (.*)$", written, re.M)
 
 
 def _check_log(where: Path, log_text: str, record: dict) -> None:
     """The run log agrees with record.json: config, environment, data, iterations, times."""
-    from train import RESUME_MAY_CHANGE
+    from train import RESUME_MAY_CHANGE, code_from_log
+    log_text = log_text[len(code_from_log(log_text)):]  # what the run wrote, not its source
     configs = _logged(log_text, "config")
     if not configs:
         raise RecordError(f"{where}: the run log has no config line")
