@@ -158,6 +158,43 @@ def test_attention_unequal_tiles(tiles, dq_mode):
         assert_kernel_accurate(tensors, tables, torch.float32)
 
 
+@contextmanager
+def forced_config(fwd: tuple, bwd: tuple):
+    """Run the attention kernels with one forward and one backward entry of the autotuner's lists
+    (tiles, and on a GPU warps and pipeline stages too; the interpreter has neither)."""
+    mod = kernels._loader.load("attention", interpret=DEVICE.type != "cuda")
+    saved = {k: dict(v) for k, v in mod.FIXED_META.items()}
+    metas = {"fwd": mod._meta(fwd, mod.FWD_BLOCKS), "bwd": mod._meta(bwd, mod.BWD_BLOCKS)}
+    for key, meta in metas.items():
+        if DEVICE.type != "cuda":
+            meta = {name: meta[name] for name in saved[key]}
+        mod.FIXED_META[key].clear()
+        mod.FIXED_META[key].update(meta)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            mod.FIXED_META[k].clear()
+            mod.FIXED_META[k].update(v)
+
+
+def _tuned_config_pairs():
+    from kernels._triton_attention import BWD_CONFIGS, FWD_CONFIGS
+    count = max(len(FWD_CONFIGS), len(BWD_CONFIGS))
+    return [(FWD_CONFIGS[i % len(FWD_CONFIGS)], BWD_CONFIGS[i % len(BWD_CONFIGS)])
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("fwd,bwd", _tuned_config_pairs(), ids=str)
+def test_every_autotuned_config_is_accurate(fwd, bwd, dq_mode):
+    """Each config the GPU autotuner may pick, at SiT-B/1's N = 257 with QK-norm and RoPE: the
+    autotuner keeps the fastest, never checks its numbers (bf16 on a GPU, fp32 interpreted)."""
+    batch_heads = (2, 3) if DEVICE.type == "cuda" else (1, 1)
+    tensors, tables = make_inputs(257, seed=11, batch_heads=batch_heads)
+    with forced_config(fwd, bwd):
+        assert_kernel_accurate(tensors, tables, DTYPES[-1])
+
+
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "qknorm+rope"])
 def test_attention_never_reads_rows_past_the_sequence(prologue, dq_mode):
     """Full tiles are loaded without masks; the rows after the last token must never be read.
