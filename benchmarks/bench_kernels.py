@@ -6,8 +6,7 @@
                                        # smoke run on CPU (interpreter: the timings mean nothing)
 
 Tables:
- 1. attention forward and forward+backward: our Triton kernel (plain, plain with PyTorch's
-    deterministic algorithms on -- its backward then has no atomics --, and with the fused
+ 1. attention forward and forward+backward: our Triton kernel (plain, and with the fused
     QK-RMSNorm + 2D-RoPE prologue) against every SDPA backend PyTorch offers (flash, cuDNN,
     efficient, math) and against the unfused PyTorch chain (RMSNorm, RoPE, SDPA); and the
     stand-alone Triton prologue (kernels.qk_norm_rope) feeding SDPA, as train.py runs it.
@@ -136,12 +135,11 @@ def sdpa_backends() -> dict[str, object]:
 
 
 def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
-    """(name, uses_prologue, packed, deterministic, fn) for every implementation benchmarked.
-    Unpacked fns take (q, k, v) [B, H, N, D] and return [B, H, N, D]; packed fns take the qkv
-    Linear's output [B, N, 3C] and return [B, N, C] ready for the projection (layout changes
-    included). `deterministic`: run with PyTorch's deterministic algorithms on (train.py's
-    default), which switches our backward from atomic dq to dQ programs of its own; every other
-    row runs with PyTorch's default (off), as SDPA's cuDNN backward does."""
+    """(name, uses_prologue, packed, fn) for every implementation benchmarked. Unpacked fns take
+    (q, k, v) [B, H, N, D] and return [B, H, N, D]; packed fns take the qkv Linear's output
+    [B, N, 3C] and return [B, N, C] ready for the projection (layout changes included). Every
+    row runs with PyTorch's deterministic algorithms off (its default), as SDPA's cuDNN backward
+    needs; our backward is the same either way."""
     from torch.nn.attention import sdpa_kernel
 
     pro = dict(rope=rope, q_norm_weight=qw, k_norm_weight=kw)
@@ -149,7 +147,6 @@ def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
     def triton_attention(q, k, v):
         return kernels.attention(q, k, v, backend="triton")
     impls = [("triton", False, False, triton_attention),
-             ("triton, deterministic backward", False, False, triton_attention),
              ("triton + qknorm + rope", True, False,
               lambda q, k, v: kernels.attention(q, k, v, backend="triton", **pro))]
     for name, backend in sdpa_backends().items():
@@ -191,7 +188,7 @@ def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
         return prologue_sdpa(q, k, v).transpose(1, 2).reshape(b, n, c3 // 3)
     impls.append(("from qkv: triton qk_norm_rope + SDPA default, head merge", True, True,
                   prologue_sdpa_packed))
-    return [(name, pro_, packed, "deterministic" in name, fn) for name, pro_, packed, fn in impls]
+    return impls
 
 
 def bench_attention(args, device) -> None:
@@ -216,20 +213,19 @@ def bench_attention(args, device) -> None:
     bytes_fwd = 4 * b * h * n * d * elt
     bytes_fwdbwd = bytes_fwd + 8 * b * h * n * d * elt
     rows = []
-    for name, pro, packed, det, fn in attention_impls(rope, qw, kw, h, args.compile):
+    for name, pro, packed, fn in attention_impls(rope, qw, kw, h, args.compile):
         inputs = (qkv,) if packed else (q, k, v)
         ref = refs[pro].transpose(1, 2).reshape(b, n, h * d) if packed else refs[pro]
         try:
-            with kernels.deterministic_algorithms(det):
-                err = (fn(*inputs).double() - ref).abs().max().item()
-                t_f = measure_ms(lambda: fn(*inputs), device, args.reps, args.warmup)
-                leaves = [t.detach().requires_grad_() for t in inputs]
+            err = (fn(*inputs).double() - ref).abs().max().item()
+            t_f = measure_ms(lambda: fn(*inputs), device, args.reps, args.warmup)
+            leaves = [t.detach().requires_grad_() for t in inputs]
 
-                def fwd_bwd():
-                    torch.autograd.grad(fn(*leaves), leaves, do_packed if packed else do)
-                t_fb = measure_ms(fwd_bwd, device, args.reps, args.warmup)
-                g_f = measure_graphed_ms(lambda: fn(*inputs), device)
-                g_fb = measure_graphed_ms(fwd_bwd, device)
+            def fwd_bwd():
+                torch.autograd.grad(fn(*leaves), leaves, do_packed if packed else do)
+            t_fb = measure_ms(fwd_bwd, device, args.reps, args.warmup)
+            g_f = measure_graphed_ms(lambda: fn(*inputs), device)
+            g_fb = measure_graphed_ms(fwd_bwd, device)
         except Exception as e:  # a backend that does not support this shape/dtype/GPU
             rows.append([name, "n/a", "", "", "n/a", "", "", "n/a", "", "n/a", "", "",
                          f"unsupported: {type(e).__name__}: {str(e)[:60]}"])

@@ -1,7 +1,6 @@
 """Backend selection: 'torch' (plain PyTorch), 'triton' (fused kernels) or 'auto'."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -103,16 +102,3 @@ def autocast_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
     return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on: bool):
-    """torch.use_deterministic_algorithms(on) (warn-only) for the block, restored after. The
-    attention backward reads it: atomic-free dQ programs when on, fp32 atomics for dq when off."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(on, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -329,11 +329,10 @@ def _load_raw_and_prologue(X, W_1, W_2, COS, SIN, offs, ok, stride_xn, stride_cn
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, DQ, COS, SIN, qw1, qw2, start_m, N, stride_qn,
-               stride_on, stride_don, stride_dqn, stride_cn, qk_scale, sm_scale, eps,
-               HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
-               HAS_QNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
-               INTERLEAVED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N, stride_qn,
+               stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr,
+               ROWS: tl.constexpr, MASKED: tl.constexpr, HAS_QNORM: tl.constexpr,
+               HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
     offs_m = start_m + tl.arange(0, ROWS)
     m_ok = offs_m < N
     q = _load_qk_tile(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn, stride_cn, eps, HEAD_DIM,
@@ -348,23 +347,16 @@ def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, DQ, COS, SIN, qw1, qw2, start_m, N, 
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = (pt * (dpt - delta[None, :])).to(q.dtype)
     dk += tl.dot(dst, q, input_precision=DOT_PREC)
-    if ATOMIC_DQ:  # this key tile's share of dL/dP(q), added to an fp32 buffer
-        dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
-        ptr = DQ + offs_m[:, None] * stride_dqn + tl.arange(0, HEAD_DIM)[None, :]
-        if MASKED:
-            tl.atomic_add(ptr, dq, mask=m_ok[:, None])
-        else:
-            tl.atomic_add(ptr, dq)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_rows(Q, K, V, O, DO, DK, DV, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_n, N,
+def _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_n, N,
                stride_qn, stride_kn, stride_vn, stride_on, stride_don, stride_dkn, stride_dvn,
-               stride_dqn, stride_cn, qk_scale, sm_scale, eps, HEAD_DIM: tl.constexpr,
-               COLS: tl.constexpr, BLOCK_M: tl.constexpr, MASK_N: tl.constexpr,
-               HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-               DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               stride_cn, qk_scale, sm_scale, eps, HEAD_DIM: tl.constexpr, COLS: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
+               HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+               INTERLEAVED: tl.constexpr):
     """dK, dV of COLS keys from start_n; returns this tile's dL/d k_norm_weight halves."""
     offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
@@ -376,15 +368,13 @@ def _dkdv_rows(Q, K, V, O, DO, DK, DV, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, st
     dv = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, DQ, COS, SIN, qw1, qw2, start_m, N,
-                            stride_qn, stride_on, stride_don, stride_dqn, stride_cn, qk_scale,
-                            sm_scale, eps, HEAD_DIM, BLOCK_M, False, HAS_QNORM, HAS_ROPE, DOT_PREC,
-                            INTERLEAVED, ATOMIC_DQ)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N,
+                            stride_qn, stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM,
+                            BLOCK_M, False, HAS_QNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
     for start_m in range(m_full, N, TAIL):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, DQ, COS, SIN, qw1, qw2, start_m, N,
-                            stride_qn, stride_on, stride_don, stride_dqn, stride_cn, qk_scale,
-                            sm_scale, eps, HEAD_DIM, TAIL, True, HAS_QNORM, HAS_ROPE, DOT_PREC,
-                            INTERLEAVED, ATOMIC_DQ)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N,
+                            stride_qn, stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM,
+                            TAIL, True, HAS_QNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
     _store_tile(DV, offs_n, n_ok, stride_dvn, dv, HEAD_DIM, MASK_N)
     dk, dw1, dw2 = _prologue_tile_grad(dk * sm_scale, kx, kw1, kw2, kc, ks, eps, HAS_KNORM,
                                        HAS_ROPE, COLS, HEAD_DIM, INTERLEAVED)
@@ -452,13 +442,9 @@ def attn_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
              HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
              BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HAS_QNORM: tl.constexpr,
              HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
-             INTERLEAVED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+             INTERLEAVED: tl.constexpr):
     """DW: [B * H, 2, DW_ROWS, D] fp32 partial sums of the norm weights' gradients (k at 0, q at
-    1), one row per program, zeroed by the host (a config with fewer programs leaves rows 0).
-    ATOMIC_DQ: the grid holds only the dK/dV programs, which add dL/dP(q) into DQ (a zeroed fp32
-    buffer) with atomics: five matmuls per tile pair instead of seven, but the order of the
-    additions, hence the last bits of dq, depends on scheduling; the host applies the q prologue's
-    chain rule afterwards."""
+    1), one row per program, zeroed by the host (a config with fewer programs leaves rows 0)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -478,30 +464,27 @@ def attn_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
     if pid < n_kv:
         DK += b * stride_dkb + h * stride_dkh
         DV += b * stride_dvb + h * stride_dvh
-        DQ += b * stride_dqb + h * stride_dqh
         start_n = pid * BLOCK_N1
         if start_n + BLOCK_N1 <= N:
-            dw1, dw2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2,
+            dw1, dw2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2,
                                   start_n, N, stride_qn, stride_kn, stride_vn, stride_on,
-                                  stride_don, stride_dkn, stride_dvn, stride_dqn, stride_cn,
-                                  qk_scale, sm_scale, eps, HEAD_DIM, BLOCK_N1, BLOCK_M1, False,
-                                  HAS_QNORM, HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED,
-                                  ATOMIC_DQ)
+                                  stride_don, stride_dkn, stride_dvn, stride_cn, qk_scale,
+                                  sm_scale, eps, HEAD_DIM, BLOCK_N1, BLOCK_M1, False, HAS_QNORM,
+                                  HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
         else:
             dw1 = tl.full([HALF], 0.0, dtype=tl.float32)
             dw2 = tl.full([HALF], 0.0, dtype=tl.float32)
             for start in range(start_n, N, TAIL):
-                t1, t2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, DQ, LSE, COS, SIN, qw1, qw2, kw1,
-                                    kw2, start, N, stride_qn, stride_kn, stride_vn, stride_on,
-                                    stride_don, stride_dkn, stride_dvn, stride_dqn, stride_cn,
-                                    qk_scale, sm_scale, eps, HEAD_DIM, TAIL, BLOCK_M1, True,
-                                    HAS_QNORM, HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED,
-                                    ATOMIC_DQ)
+                t1, t2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2,
+                                    start, N, stride_qn, stride_kn, stride_vn, stride_on,
+                                    stride_don, stride_dkn, stride_dvn, stride_cn, qk_scale,
+                                    sm_scale, eps, HEAD_DIM, TAIL, BLOCK_M1, True, HAS_QNORM,
+                                    HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
                 dw1 += t1
                 dw2 += t2
         if HAS_KNORM:
             _store_weight_grad(DW, (bh * 2) * DW_ROWS + pid, dw1, dw2, HEAD_DIM, INTERLEAVED)
-    elif not ATOMIC_DQ:
+    else:
         DQ += b * stride_dqb + h * stride_dqh
         pid_m = pid - n_kv
         start_m = pid_m * BLOCK_M2
@@ -651,10 +634,8 @@ else:
     _KEY = ["N", "HEAD_DIM", "HAS_QNORM", "HAS_KNORM", "HAS_ROPE", "DOT_PREC", "INTERLEAVED"]
     attn_fwd_tuned = triton.autotune(configs=_configs(FWD_CONFIGS, FWD_BLOCKS),
                                      key=_KEY)(attn_fwd)
-    # DQ accumulates with atomics when ATOMIC_DQ (and is overwritten otherwise): zeroed too
-    attn_bwd_tuned = triton.autotune(configs=_configs(BWD_CONFIGS, BWD_BLOCKS),
-                                     key=_KEY + ["ATOMIC_DQ"],
-                                     reset_to_zero=["DW", "DQ"])(attn_bwd)
+    attn_bwd_tuned = triton.autotune(configs=_configs(BWD_CONFIGS, BWD_BLOCKS), key=_KEY,
+                                     reset_to_zero=["DW"])(attn_bwd)
 # the smallest key tile of the dK/dV programs and query tile of the dQ programs among the tuned
 # configs: sizes the partial-sum buffer of the norm weights' gradients (rows per role)
 TUNED_MIN_TILE = min(min(c[1], c[2]) for c in BWD_CONFIGS)

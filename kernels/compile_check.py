@@ -79,10 +79,8 @@ def cases(level: str):
                      DOT_PREC="ieee" if dt == "fp32" else "tf32", INTERLEAVED=il)
         label = f"{dt} D={d} qnorm={int(qn)} knorm={int(kn)} rope={int(rope)} inter={int(il)}"
         yield label, "attn_fwd", dt, dict(flags, BLOCK_M=128, BLOCK_N=64), (4, 3)
-        for atomic in (False, True):  # dQ programs, or dq added with atomics
-            yield (f"{label} atomic_dq={int(atomic)}", "attn_bwd", dt,
-                   dict(flags, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32,
-                        ATOMIC_DQ=atomic), (4, 2))
+        yield label, "attn_bwd", dt, dict(flags, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64,
+                                          BLOCK_N2=32), (4, 2)
         pro = {k: v for k, v in flags.items() if k != "DOT_PREC"}
         yield label, "qk_prologue_fwd", dt, dict(pro, BLOCK_N=64), (4, 1)
         yield label, "qk_prologue_bwd", dt, dict(pro, BLOCK_N=64), (4, 1)

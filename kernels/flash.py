@@ -84,16 +84,15 @@ def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
 
 def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, interleaved):
     """Writes dq, dk, dv (preallocated, any strides with unit last stride); returns (dqw, dkw).
-    One launch: the dK/dV programs and the dQ programs share the grid. When PyTorch's
-    deterministic algorithms are off (its default; train.py --deterministic false), the dK/dV
-    programs add dq with fp32 atomics instead (five matmuls per tile pair instead of seven, last
-    bits of dq depending on scheduling) and the q prologue's chain rule runs afterwards."""
+    One launch: the dK/dV programs and the dQ programs share the grid, without atomics, so the
+    gradients do not depend on scheduling. (Adding dq with fp32 atomics from the dK/dV programs,
+    five matmuls per tile pair instead of seven, was 1.6x slower at SiT-B/1 shapes on an H200:
+    benchmarks/RESULTS_GPU.md.)"""
     b, h, n, d = q.shape
     dev = q.device
     mod = _kernels(dev)
     cos, sin, scb, scn = _rope_args(rope, q)
-    atomic = not torch.are_deterministic_algorithms_enabled()
-    flags = dict(_flags(q, rope, qw, kw, interleaved), ATOMIC_DQ=atomic)
+    flags = _flags(q, rope, qw, kw, interleaved)
     # per-program partial sums of the norm weights' gradients, [B * H, (k, q), rows, D]; rows
     # sized for the smallest tile and zeroed (also between autotuning runs) so rows a config does
     # not write add nothing. Without a norm, a 1-element placeholder (autotuning zeroes it).
@@ -104,38 +103,26 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     has_norm = qw is not None or kw is not None
     dw_part = torch.zeros((b * h, 2, rows, d) if has_norm else (1,), device=dev,
                           dtype=torch.float32)
-    dq_out = torch.zeros(b, h, n, d, device=dev, dtype=torch.float32) if atomic else dq
-    args = (q, k, v, o, do, lse, dq_out, dk, dv, dw_part, cos, sin, q if qw is None else qw,
+    args = (q, k, v, o, do, lse, dq, dk, dv, dw_part, cos, sin, q if qw is None else qw,
             q if kw is None else kw,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
-            *dq_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scb, scn, h, n, rows,
+            *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scb, scn, h, n, rows,
             scale * LOG2E, scale, eps)
 
     def grid(m):
-        dq_programs = 0 if atomic else _cdiv(n, m["BLOCK_M2"])
-        return (_cdiv(n, m["BLOCK_N1"]) + dq_programs, b * h)
+        return (_cdiv(n, m["BLOCK_N1"]) + _cdiv(n, m["BLOCK_M2"]), b * h)
     if tuned:
         mod.attn_bwd_tuned[grid](*args, **flags)
     else:
         mod.attn_bwd[grid(meta)](*args, **flags, **meta)
     dkw = dw_part[:, 0].sum((0, 1)).to(kw.dtype) if kw is not None else None
-    if not atomic:
-        dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
-    elif qw is None and rope is None:  # dq_out holds dL/dP(q) = dL/dq
-        dq.copy_(dq_out)
-        dqw = None
-    else:  # dq_out holds dL/dP(q): through the q prologue into dq
-        dqw, _ = _launch_prologue_bwd(q, None, dq_out, None, dq, None, rope, qw, None, eps,
-                                      interleaved)
+    dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
     return dqw, dkw
 
 
 def _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, qw, kw, eps, interleaved):
-    """The stand-alone prologue's backward: dq (and dk) from the gradients dqo (dko) of P(q)
-    (P(k)); k, dko, dk None: q only. Returns the norm weights' gradients (dqw, dkw)."""
-    both = k is not None
-    k, dko, dk = (k, dko, dk) if both else (q, dqo, dq)  # placeholders the grid never reaches
-    kw = kw if both else None
+    """The stand-alone prologue's backward: dq, dk from the gradients dqo, dko of P(q), P(k).
+    Returns the norm weights' gradients (dqw, dkw)."""
     b, h, n, d = q.shape
     mod = _kernels(q.device)
     c, s, scb, scn = _rope_args(rope, q)
@@ -147,7 +134,7 @@ def _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, qw, kw, eps, interleaved)
                            dtype=torch.float32)
     dkw_part = torch.empty(b * h * blocks if kw is not None else 1, d, device=q.device,
                            dtype=torch.float32)
-    mod.qk_prologue_bwd[(blocks, b * h, 2 if both else 1)](
+    mod.qk_prologue_bwd[(blocks, b * h, 2)](
         q, k, dqo, dko, dq, dk, dqw_part, dkw_part, c, s, q if qw is None else qw,
         q if kw is None else kw,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
