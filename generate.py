@@ -460,8 +460,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=1000)
     parser.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                        help="triton: the fused kernels of kernels/; torch: SDPA and plain ops; auto: triton "
-                             "where CUDA and the kernels' self-check pass")
+                        help="triton: the fused kernels of kernels/; torch: SDPA and plain ops; auto: torch, "
+                             "the faster path as measured (train.set_kernels)")
     args = parser.parse_args(argv)
     from accelerate import Accelerator
 

@@ -100,14 +100,14 @@ class Config:
     seed: int = flag(0, "seed of the model init, the data order and every step's noise")
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
     compile: bool = flag(False, "torch.compile the model and the REPA/REG teacher (on a GPU the fastest setting: "
-                                "2.7x the public SR-DiT step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of "
+                                "1.9-2.7x the public SR-DiT step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of "
                                 "compilation first)")
     deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
     kernels: str = flag("auto", "triton (kernels/: one fused QK-norm + RoPE pass before SDPA, and with --norm "
                                 "rmsnorm the fused modulated norm and gated residual) | torch (SDPA and plain "
-                                "ops) | auto (triton where CUDA and the kernels' self-check pass, torch with "
-                                "--compile true)")
+                                "ops) | auto (torch: the faster step as measured on an H200, eager and compiled, "
+                                "benchmarks/RESULTS_GPU.md)")
     # ---- bookkeeping
     run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
     runs_dir: str = flag("runs", "where run folders go")
@@ -366,21 +366,20 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
 
 
-def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False,
-                compiled: bool = False) -> str:
+def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
-    used. triton: refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
-    head_dim 72 with RoPE or QK-norm). auto: triton on CUDA when the model's shapes are served and
-    kernels.selfcheck passes, else torch (saying why on stderr); and torch for a
-    torch.compile'd model, where inductor fuses the same ops itself (measured 2x faster than the
-    compiled kernels when they were still graph breaks, benchmarks/RESULTS_GPU.md; they are
-    custom operators now and compile into the graph, not yet re-measured). With Triton,
-    attention is the QK-norm/RoPE kernel feeding PyTorch SDPA's fused backends, or with
-    flash_attention=True the Triton flash kernel."""
+    used. auto: torch, the faster path as measured (benchmarks/RESULTS_GPU.md, H200): the step is
+    host-bound and the kernels' Python launches cost more host time than they save on the GPU,
+    eager (52 vs 67 ms per SR-DiT step) and under torch.compile (33-37 vs 76-86 ms), where
+    inductor fuses the same ops itself. triton: the kernels; refused (ConfigError) for a model
+    whose shapes no kernel serves (SiT-XL's head_dim 72 with RoPE or QK-norm) and, on a GPU, when
+    kernels.selfcheck fails (a broken kernel build must not train). Attention is then the
+    QK-norm/RoPE kernel feeding PyTorch SDPA's fused backends, or with flash_attention=True the
+    Triton flash kernel. The same with --compile true (the kernels are custom operators)."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
-    backend = choice
-    if choice != "torch":
+    backend = "torch" if choice == "auto" else choice
+    if backend == "triton":
         import kernels
         opts = getattr(model, "opts", ModelOptions())
         # attention reaches a kernel only with RoPE or QK-norm to fuse, or the flash kernel
@@ -388,15 +387,12 @@ def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_atten
         shapes = {(m.heads * m.head_dim, m.head_dim if attends else None)
                   for m in model.modules() if isinstance(m, Attention)}
         problem = next((p for p in (kernels.unsupported_model_shape(*s) for s in shapes) if p), None)
-        if choice == "triton" and problem:
-            raise ConfigError(f"--kernels triton cannot run this model: {problem} (use auto or torch)")
-        if choice == "auto":
-            backend = "torch"
-            if device.type == "cuda" and not compiled:
-                ok, why = (False, problem) if problem else kernels.selfcheck(device)
-                backend = "triton" if ok else "torch"
-                if not ok:  # a broken kernel build must not pass for a slow GPU
-                    print(f"[kernels] --kernels auto: using torch ({why})", file=sys.stderr, flush=True)
+        if problem:
+            raise ConfigError(f"--kernels triton cannot run this model: {problem} (use torch)")
+        if device.type == "cuda":
+            ok, why = kernels.selfcheck(device)
+            if not ok:
+                raise ConfigError(f"--kernels triton: the kernels' self-check failed on {device}: {why}")
     for module in model.modules():
         if isinstance(module, (Attention, SiTBlock)):
             module.backend = backend
@@ -1195,7 +1191,7 @@ def train(cfg: Config) -> dict:
         if cfg.repa_coef > 0 and probe.shape[1] != model.num_patches:
             raise ConfigError(f"REPA: the teacher gives {probe.shape[1]} patch tokens, {cfg.model} has "
                               f"{model.num_patches}; choose a patch size that matches")
-    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device, compiled=cfg.compile)
+    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")

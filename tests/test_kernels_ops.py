@@ -116,8 +116,8 @@ def test_whole_model_with_triton_kernels_compiles_in_one_graph(flash_attention):
     for compiled in (False, True):
         torch.manual_seed(0)
         model = digits_model(**opts)
-        assert train.set_kernels(model, "triton", torch.device("cpu"), flash_attention=flash_attention,
-                                 compiled=compiled) == "triton"
+        assert train.set_kernels(model, "triton", torch.device("cpu"),
+                                 flash_attention=flash_attention) == "triton"
         run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
         out = run(x, t, y, cls_t=cls_t, routing=Routing(keep=keep))
         (out["v"].pow(2).mean() + out["cls_v"].pow(2).mean()).backward()
@@ -153,9 +153,9 @@ def test_strided_norm_weights_and_malformed_rope_tables():
             kernels.attention(q, k, v, rope=one_angle, backend=backend)
 
 
-def test_trainer_chooses_kernels_the_model_can_use(monkeypatch, capsys):
-    """SiT-XL's head_dim 72 has no attention kernel: --kernels triton says so up front, auto
-    picks torch on a GPU and says why; without RoPE/QK-norm the attention needs no kernel."""
+def test_trainer_chooses_kernels_the_model_can_use(monkeypatch):
+    """SiT-XL's head_dim 72 has no attention kernel: --kernels triton says so up front; without
+    RoPE/QK-norm the attention needs no kernel; on a GPU a failed self-check refuses the run."""
     class OneLayer(torch.nn.Module):
         def __init__(self, **opts):
             super().__init__()
@@ -165,11 +165,10 @@ def test_trainer_chooses_kernels_the_model_can_use(monkeypatch, capsys):
         train.set_kernels(OneLayer(rope=True), "triton", torch.device("cpu"))
     assert train.set_kernels(OneLayer(), "triton", torch.device("cpu")) == "triton"
     monkeypatch.setattr(kernels, "selfcheck", lambda device: (True, "ok"))  # as on a working GPU
-    assert train.set_kernels(OneLayer(qk_norm=True), "auto", torch.device("cuda")) == "torch"
-    assert "--kernels auto: using torch (head_dim 72 not in" in capsys.readouterr().err
+    assert train.set_kernels(OneLayer(), "triton", torch.device("cuda")) == "triton"
     monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "ptxas failed"))
-    assert train.set_kernels(OneLayer(), "auto", torch.device("cuda")) == "torch"
-    assert "using torch (ptxas failed)" in capsys.readouterr().err
+    with pytest.raises(train.ConfigError, match="self-check failed on cuda: ptxas failed"):
+        train.set_kernels(OneLayer(), "triton", torch.device("cuda"))
 
 
 def test_selfcheck_catches_swapped_norm_weight_gradients(monkeypatch):
