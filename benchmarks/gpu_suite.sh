@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU check the harness owes, on one CUDA machine (about 12 minutes on an H100; the device
-# tool allows 10 minutes per command, so run it as two calls, e.g. --parts "kernels_tests
-# kernels_bench step" then --parts "step_compile extraction encode"):
+# Every GPU check the harness owes, on one CUDA machine (about 15 minutes on an H200, the kernel
+# tests' first compilation taking 3-4 of them; the device tool allows 10 minutes per command, so
+# run it as two calls, e.g. --parts "kernels_bench kernels_tests" then --parts "step_compile
+# host_overhead"):
 #   bash benchmarks/gpu_suite.sh [out_dir] [--public benchmarks/public_srdit_step.py] [--parts "step kernels_tests ..."]
 # Parts: kernels_tests, step (eager training step, kernels off/on, deterministic or not, profiled;
-# the public SR-DiT code when --public names its timing script), kernels_bench, extraction,
-# step_compile (the torch.compile'd step), encode. Each part has its own time limit and writes its
+# the public SR-DiT code when --public names its timing script), kernels_bench, host_overhead (what
+# launching the kernels from Python costs), extraction, step_compile (the torch.compile'd step), encode. Each part has its own time limit and writes its
 # log to out_dir as it runs, so a part that breaks or overruns costs only itself. The tables land
 # in out_dir/*.log; benchmarks/RESULTS_GPU.md holds the measured ones with the device named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-gpu_results}"; shift || true
-PUBLIC=() PARTS="kernels_tests step kernels_bench extraction step_compile encode"
+PUBLIC=() PARTS="kernels_tests step kernels_bench host_overhead extraction step_compile encode"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --public) PUBLIC=(--public "$2"); shift 2 ;;
@@ -44,7 +45,7 @@ tail -n 1 "$OUT_DIR/env.log"
 # 1. the kernel tests, bf16 included, compiled for this GPU (-v: names stream into the log even if
 #    the limit cuts the run short; tests/test_kernels_compile.py is the CPU-only ahead-of-time build;
 #    the custom-op checks on CUDA tensors, without the whole-model test, which runs interpreted)
-part kernels_tests 160 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_attention.py \
+part kernels_tests 240 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_attention.py \
   tests/test_kernels_norm.py tests/test_kernels_rope.py tests/test_kernels_ops.py -k "not whole_model"
 # 2. the end-to-end SR-DiT training step: kernels off vs on (prologue + SDPA, or the Triton flash
 #    kernel), deterministic or not (and the public code)
@@ -54,6 +55,8 @@ part step 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 
 # 3. attention and modulated-norm tables against every SDPA backend and the unfused chains
 #    (the limit covers autotuning every FWD_CONFIGS/BWD_CONFIGS entry for each key it meets)
 part kernels_bench 170 "$PY" benchmarks/bench_kernels.py --compile
+# 3b. host time per attention call: SDPA, our custom operators, the same launchers without them
+part host_overhead 60 "$PY" benchmarks/bench_host_overhead.py
 # 4. evaluation feature extraction (Inception port + DINOv2-L/14 in fp32 and TF32, random weights)
 part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
 # 5. the torch.compile'd step: torch path, and the kernels as custom ops inside the graph

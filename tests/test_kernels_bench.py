@@ -37,7 +37,7 @@ def test_benchmark_tables(bench, capsys):
                 "--warmup", "0"])
     out = capsys.readouterr().out
     rows = table_rows(out)
-    expected = ["triton", "triton, deterministic backward", "triton + qknorm + rope", "SDPA math",
+    expected = ["triton", "triton + qknorm + rope", "SDPA math",
                 "PyTorch chain: rmsnorm, rope, SDPA",
                 "from qkv: triton attention_packed + qknorm + rope",
                 "from qkv: PyTorch permute, chain, head merge", "triton modulated_rmsnorm",
@@ -74,3 +74,40 @@ def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatc
     assert rows[1]["loss_rel_diff"] < 1e-6 and rows[0]["ms"] > 0
     assert "| train.py torch | " in text
     assert json.loads(out.read_text())["flops_per_step"] > 0
+
+
+def test_host_overhead_benchmark_times_every_call_path(monkeypatch, capsys):
+    """benchmarks/bench_host_overhead.py: SDPA, the custom operators and the same launchers
+    through a plain autograd.Function, forward and forward+backward (CPU: interpreted)."""
+    monkeypatch.setenv("KERNELS_AUTOTUNE", "1")  # restored after: the script sets it to 0
+    spec = importlib.util.spec_from_file_location("bench_host_overhead",
+                                                  ROOT / "benchmarks" / "bench_host_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--seq", "17", "--head_dim", "32",
+              "--reps", "2", "--warmup", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    names = ["SDPA default choice", "kernels.attention (custom operators)",
+             "same launchers, plain autograd.Function"]
+    assert [n for n in rows if n != "call"] == names
+    for name in names:
+        fwd, _, fwd_bwd, _ = rows[name]
+        assert float(fwd) > 0 and float(fwd_bwd) > float(fwd) * 0.5, rows[name]
+
+
+def test_plain_function_baseline_computes_the_same_gradients():
+    """The benchmark's autograd.Function baseline runs the same launchers: same outputs and
+    gradients as kernels.attention, so its timings compare like with like."""
+    spec = importlib.util.spec_from_file_location("bench_host_overhead",
+                                                  ROOT / "benchmarks" / "bench_host_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 32, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(2, 3, 20, 32, generator=g)
+    import kernels
+    a = mod.FunctionAttention.apply(q, k, v, 32 ** -0.5)
+    b = kernels.attention(q, k, v, backend="triton")
+    assert torch.equal(a, b)
+    for x, y in zip(torch.autograd.grad(a, (q, k, v), do), torch.autograd.grad(b, (q, k, v), do)):
+        assert torch.equal(x, y)
