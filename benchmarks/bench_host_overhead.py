@@ -31,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels  # noqa: E402
-from bench_kernels import DTYPES, device_name, fmt, measure_graphed_ms, print_table  # noqa: E402
+from bench_kernels import (DTYPES, add_shape_args, device_name, fmt,  # noqa: E402
+                           measure_graphed_ms, print_table)
 from kernels import flash  # noqa: E402
 
 
@@ -124,13 +125,7 @@ def launch_rows(args, device) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--seq", type=int, default=257)
-    p.add_argument("--head_dim", type=int, default=64)
+    add_shape_args(p)
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
     args = p.parse_args(argv)

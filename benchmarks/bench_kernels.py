@@ -325,8 +325,9 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and the attention shape (SiT-B/1's by default), shared by the kernel
+    benchmarks."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--seq", type=int, default=257)
     p.add_argument("--head_dim", type=int, default=64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(p)
     p.add_argument("--width", type=int, default=768, help="channels of the modulated norm")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)

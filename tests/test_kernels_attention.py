@@ -126,19 +126,25 @@ def test_attention_head_dims(d, dtype):
 
 
 @contextmanager
-def forced_tiles(block_m: int, block_n: int):
-    """Run every attention kernel with one tile shape (interpreted or compiled)."""
+def forced_meta(fwd: dict, bwd: dict):
+    """Run the attention kernels with these launch parameters (FIXED_META entries updated for
+    the block, restored after)."""
     mod = kernels._loader.load("attention", interpret=DEVICE.type != "cuda")
     saved = {k: dict(v) for k, v in mod.FIXED_META.items()}
-    mod.FIXED_META["fwd"].update(BLOCK_M=block_m, BLOCK_N=block_n)
-    mod.FIXED_META["bwd"].update(BLOCK_M1=block_m, BLOCK_N1=block_n, BLOCK_M2=block_m,
-                                 BLOCK_N2=block_n)
+    mod.FIXED_META["fwd"].update(fwd)
+    mod.FIXED_META["bwd"].update(bwd)
     try:
         yield
     finally:
         for k, v in saved.items():
             mod.FIXED_META[k].clear()
             mod.FIXED_META[k].update(v)
+
+
+def forced_tiles(block_m: int, block_n: int):
+    """Run every attention kernel with one tile shape (interpreted or compiled)."""
+    return forced_meta(dict(BLOCK_M=block_m, BLOCK_N=block_n),
+                       dict(BLOCK_M1=block_m, BLOCK_N1=block_n, BLOCK_M2=block_m, BLOCK_N2=block_n))
 
 
 @pytest.mark.parametrize("tiles", [(32, 64), (128, 32)], ids=str)
@@ -150,24 +156,14 @@ def test_attention_unequal_tiles(tiles):
         assert_kernel_accurate(tensors, tables, torch.float32)
 
 
-@contextmanager
 def forced_config(fwd: tuple, bwd: tuple):
     """Run the attention kernels with one forward and one backward entry of the autotuner's lists
     (tiles, and on a GPU warps and pipeline stages too; the interpreter has neither)."""
     mod = kernels._loader.load("attention", interpret=DEVICE.type != "cuda")
-    saved = {k: dict(v) for k, v in mod.FIXED_META.items()}
-    metas = {"fwd": mod._meta(fwd, mod.FWD_BLOCKS), "bwd": mod._meta(bwd, mod.BWD_BLOCKS)}
-    for key, meta in metas.items():
-        if DEVICE.type != "cuda":
-            meta = {name: meta[name] for name in saved[key]}
-        mod.FIXED_META[key].clear()
-        mod.FIXED_META[key].update(meta)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            mod.FIXED_META[k].clear()
-            mod.FIXED_META[k].update(v)
+    metas = [mod._meta(fwd, mod.FWD_BLOCKS), mod._meta(bwd, mod.BWD_BLOCKS)]
+    if DEVICE.type != "cuda":
+        metas = [{k: v for k, v in m.items() if k.startswith("BLOCK_")} for m in metas]
+    return forced_meta(*metas)
 
 
 def _tuned_config_pairs():
