@@ -484,12 +484,12 @@ def main(argv: Optional[list] = None) -> int:
         if getattr(args, key) is not None:
             protocol[key] = getattr(args, key)
     model.to(accelerator.device)
-    set_kernels(model, args.kernels, accelerator.device)
     from evaluations.imagenet import leave_process_group
     try:
+        set_kernels(model, args.kernels, accelerator.device)  # ConfigError: a ValueError
         generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
                         accelerator, args.batch_size)
-    except ValueError as e:  # a protocol this model cannot be sampled with
+    except ValueError as e:  # kernels or a protocol this model cannot be run with
         print(f"[generate] error: {e}", file=sys.stderr)
         return 1
     finally:

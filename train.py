@@ -369,13 +369,14 @@ class Attention(nn.Module):
 def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
     used. auto: torch, the faster path as measured (benchmarks/RESULTS_GPU.md, H200): the step is
-    host-bound and the kernels' Python launches cost more host time than they save on the GPU,
-    eager (52 vs 67 ms per SR-DiT step) and under torch.compile (33-37 vs 76-86 ms), where
-    inductor fuses the same ops itself. triton: the kernels; refused (ConfigError) for a model
-    whose shapes no kernel serves (SiT-XL's head_dim 72 with RoPE or QK-norm) and, on a GPU, when
-    kernels.selfcheck fails (a broken kernel build must not train). Attention is then the
-    QK-norm/RoPE kernel feeding PyTorch SDPA's fused backends, or with flash_attention=True the
-    Triton flash kernel. The same with --compile true (the kernels are custom operators)."""
+    host-bound and the kernels' Python launches cost more host time than they save on the GPU:
+    under torch.compile 33-37 vs 76-86 ms per SR-DiT step (inductor fuses the same ops itself),
+    eager 70 vs 73 and 52 vs 67 ms in two calls (wall times that swing by ~20 ms between calls).
+    triton: the kernels; refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
+    head_dim 72 with RoPE or QK-norm) and, on a GPU, when kernels.selfcheck fails (a broken kernel
+    build must not train). Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's fused
+    backends, or with flash_attention=True the Triton flash kernel. The same with --compile true
+    (the kernels are custom operators)."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = "torch" if choice == "auto" else choice

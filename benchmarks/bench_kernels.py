@@ -137,9 +137,9 @@ def sdpa_backends() -> dict[str, object]:
 def attention_impls(rope, qw, kw, heads: int, compile_chain: bool):
     """(name, uses_prologue, packed, fn) for every implementation benchmarked. Unpacked fns take
     (q, k, v) [B, H, N, D] and return [B, H, N, D]; packed fns take the qkv Linear's output
-    [B, N, 3C] and return [B, N, C] ready for the projection (layout changes included). Every
-    row runs with PyTorch's deterministic algorithms off (its default), as SDPA's cuDNN backward
-    needs; our backward is the same either way."""
+    [B, N, 3C] and return [B, N, C] ready for the projection (layout changes included). Rows run
+    with PyTorch's determinism switch as the caller left it (off by default); our backward is the
+    same either way."""
     from torch.nn.attention import sdpa_kernel
 
     pro = dict(rope=rope, q_norm_weight=qw, k_norm_weight=kw)

@@ -97,6 +97,6 @@ def _selfcheck(device: str) -> tuple[bool, str]:
 
 def selfcheck(device: torch.device | str = "cuda") -> tuple[bool, str]:
     """Compile and run every kernel once on `device` against the torch backend (cached per
-    device). Meant for the trainer's start-up under `--kernels auto`: fall back to 'torch' when
+    device). train.set_kernels runs it for `--kernels triton` on a GPU and refuses to train when
     it returns (False, reason)."""
     return _selfcheck(str(torch.device(device)))

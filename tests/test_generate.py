@@ -107,7 +107,7 @@ def test_generate_cli_rejects_a_bad_model_file(tmp_path, capsys):
     assert "model.safetensors is corrupt or truncated" in capsys.readouterr().err
 
 
-def test_generate_cli_names_the_track_and_settings_it_cannot_use(tmp_path, capsys):
+def test_generate_cli_names_the_track_and_settings_it_cannot_use(tmp_path, capsys, monkeypatch):
     import json
 
     import train
@@ -125,6 +125,10 @@ def test_generate_cli_names_the_track_and_settings_it_cannot_use(tmp_path, capsy
     assert "path-drop guidance needs a model trained with SPRINT" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a typo is not read as false
         generate.main(args + ["--path_drop_guidance", "ture"])
+    import kernels  # kernels the model cannot use: an error message, not a traceback
+    monkeypatch.setattr(kernels, "unsupported_model_shape", lambda *a: "head_dim 72 not in (32, 64, 128)")
+    assert generate.main(args + ["--track", str(tmp_path / "my_track.json"), "--kernels", "triton"]) == 1
+    assert "--kernels triton cannot run this model: head_dim 72" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
 
 

@@ -176,7 +176,7 @@ def _tuned_config_pairs():
 @pytest.mark.parametrize("fwd,bwd", _tuned_config_pairs(), ids=str)
 def test_every_autotuned_config_is_accurate(fwd, bwd):
     """Each config the GPU autotuner may pick, at SiT-B/1's N = 257 with QK-norm and RoPE: the
-    autotuner keeps the fastest, never checks its numbers (bf16 on a GPU, fp32 interpreted)."""
+    autotuner keeps the fastest, never checks its numbers (bf16 on a GPU, fp16 interpreted)."""
     batch_heads = (2, 3) if DEVICE.type == "cuda" else (1, 1)
     tensors, tables = make_inputs(257, seed=11, batch_heads=batch_heads)
     with forced_config(fwd, bwd):
