@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_suite.sh [out_dir] [--public benchmarks/public_srdit_step.py] [--parts "step kernels_tests ..."]
 # Parts: kernels_tests, step (eager training step, kernels off/on, deterministic or not, profiled;
 # the public SR-DiT code when --public names its timing script), kernels_bench, host_overhead (what
-# launching the kernels from Python costs), extraction, step_compile (the torch.compile'd step), encode. Each part has its own time limit and writes its
-# log to out_dir as it runs, so a part that breaks or overruns costs only itself. The tables land
+# launching the kernels from Python costs), extraction, step_compile (the torch.compile'd step),
+# encode. Each part has its own time limit and writes its log to out_dir as it runs, so a part
+# that breaks or overruns costs only itself. The tables land
 # in out_dir/*.log; benchmarks/RESULTS_GPU.md holds the measured ones with the device named.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -12,13 +12,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels",
-                                                  ROOT / "benchmarks" / "bench_kernels.py")
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("bench_kernels")
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -58,10 +62,7 @@ def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatc
     a synthetic dataset); a CPU smoke run with a small SiT: two variants with the same data and
     draws give the same losses, and the table and JSON report them."""
     import json
-    spec = importlib.util.spec_from_file_location("bench_gpu_step",
-                                                  ROOT / "benchmarks" / "bench_gpu_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_gpu_step")
     out = tmp_path / "step.json"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # main() sets it for --device cpu; restored after
     assert mod.main(["--device", "cpu", "--model", "SiT-S/1", "--batch", "2", "--steps", "2",
@@ -80,10 +81,7 @@ def test_host_overhead_benchmark_times_every_call_path(monkeypatch, capsys):
     """benchmarks/bench_host_overhead.py: SDPA, the custom operators and the same launchers
     through a plain autograd.Function, forward and forward+backward (CPU: interpreted)."""
     monkeypatch.setenv("KERNELS_AUTOTUNE", "1")  # restored after: the script sets it to 0
-    spec = importlib.util.spec_from_file_location("bench_host_overhead",
-                                                  ROOT / "benchmarks" / "bench_host_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_host_overhead")
     mod.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--seq", "17", "--head_dim", "32",
               "--reps", "2", "--warmup", "1"])
     rows = table_rows(capsys.readouterr().out)
@@ -98,10 +96,7 @@ def test_host_overhead_benchmark_times_every_call_path(monkeypatch, capsys):
 def test_plain_function_baseline_computes_the_same_gradients():
     """The benchmark's autograd.Function baseline runs the same launchers: same outputs and
     gradients as kernels.attention, so its timings compare like with like."""
-    spec = importlib.util.spec_from_file_location("bench_host_overhead",
-                                                  ROOT / "benchmarks" / "bench_host_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_host_overhead")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 20, 32, generator=g).requires_grad_() for _ in range(3))
     do = torch.randn(2, 3, 20, 32, generator=g)
