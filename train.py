@@ -368,15 +368,17 @@ class Attention(nn.Module):
 
 def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
-    used. auto: torch, the faster path as measured (benchmarks/RESULTS_GPU.md, H200): the step is
-    host-bound and the kernels' Python launches cost more host time than they save on the GPU:
-    under torch.compile 33-37 vs 76-86 ms per SR-DiT step (inductor fuses the same ops itself),
-    eager 70 vs 73 and 52 vs 67 ms in two calls (wall times that swing by ~20 ms between calls).
+    used. auto: torch, the faster path as measured (benchmarks/RESULTS_GPU.md, H200): the step was
+    host-bound and the kernels, called through torch.library operators, cost more host time than
+    they saved on the GPU: under torch.compile 33-37 vs 76-86 ms per SR-DiT step (inductor fuses
+    the same ops itself), eager 70 vs 73 and 52 vs 67 ms in two calls (wall times that swing by
+    ~20 ms between calls). Eager calls now skip the operators and compiled graphs launch the
+    kernels from inductor's code (kernels/_ops.py); auto stays torch until that is measured.
     triton: the kernels; refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
     head_dim 72 with RoPE or QK-norm) and, on a GPU, when kernels.selfcheck fails (a broken kernel
     build must not train). Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's fused
     backends, or with flash_attention=True the Triton flash kernel. The same with --compile true
-    (the kernels are custom operators)."""
+    (the kernels trace into the compiled graph)."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = "torch" if choice == "auto" else choice

@@ -9,10 +9,13 @@ max(host time, device time). "us/call" is that: `reps` calls in a row, one synch
 end. "graphed us/call" replays the same calls from a CUDA graph (device time only). Where us/call
 is well above the graphed figure, the host is the bottleneck. Rows:
   * SDPA (PyTorch's default backend choice): C++ from end to end;
-  * kernels.attention: our Triton kernels through their torch.library custom operators (what
-    train.py runs, eager or compiled);
-  * the same launchers (kernels.flash._launch_fwd/_launch_bwd) through a plain
-    torch.autograd.Function: what the custom-operator machinery costs on top;
+  * kernels.attention: what train.py runs eagerly, a plain torch.autograd.Function around our
+    launch functions (kernels/_ops.py);
+  * the opaque torch.library custom operators around the same launch functions (flash.ATTENTION
+    .opaque; eager calls went through them before, and they are what torch.compile keeps of the
+    kernels on CPU): what the operator machinery costs on top;
+  * on a GPU, torch.compile(kernels.attention): the inlined operators, which inductor turns into
+    launches of the kernels from its generated code;
   * on a GPU, empty Triton kernels with 1, 8 and 16 tensor arguments (Triton's own launch cost,
     which checks every pointer argument) and one small PyTorch op, for scale.
 Kernels run with their first tile config (KERNELS_AUTOTUNE=0), the same for every row.
@@ -50,26 +53,6 @@ def per_call_us(fn, device: torch.device, reps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / reps * 1e6
 
 
-class FunctionAttention(torch.autograd.Function):
-    """kernels.attention's launchers (no QK-norm, no RoPE) without torch.library around them."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o = flash._bhnd_buffer(q)
-        lse = flash._launch_fwd(q, k, v, o, None, None, None, scale, 1e-6, True)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = (flash._bhnd_buffer(t) for t in (q, k, v))
-        flash._launch_bwd(q, k, v, o, lse, do.contiguous(), dq, dk, dv, None, None, None,
-                          ctx.scale, 1e-6, True)
-        return dq, dk, dv, None
-
-
 def attention_rows(args, device) -> list[list[str]]:
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -79,11 +62,14 @@ def attention_rows(args, device) -> list[list[str]]:
     scale = args.head_dim ** -0.5
     impls = {
         "SDPA default choice": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        "kernels.attention (custom operators)": lambda q, k, v: kernels.attention(
+        "kernels.attention (eager: autograd.Function)": lambda q, k, v: kernels.attention(
             q, k, v, backend="triton"),
-        "same launchers, plain autograd.Function": lambda q, k, v: FunctionAttention.apply(
-            q, k, v, scale),
+        "same launchers, opaque custom operators": lambda q, k, v: flash.ATTENTION.opaque(
+            q, k, v, None, None, None, None, scale, 1e-6, True)[0],
     }
+    if device.type == "cuda":  # inductor cannot launch interpreted kernels
+        impls["torch.compile(kernels.attention): inductor launches"] = torch.compile(
+            lambda q, k, v: kernels.attention(q, k, v, backend="triton"), fullgraph=True)
     rows = []
     for name, fn in impls.items():
         def fwd(fn=fn):

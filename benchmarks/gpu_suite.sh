@@ -45,7 +45,8 @@ part() {  # part <name> <seconds> <command...>
 tail -n 1 "$OUT_DIR/env.log"
 # 1. the kernel tests, bf16 included, compiled for this GPU (-v: names stream into the log even if
 #    the limit cuts the run short; tests/test_kernels_compile.py is the CPU-only ahead-of-time build;
-#    the custom-op checks on CUDA tensors, without the whole-model test, which runs interpreted)
+#    the operator checks on CUDA tensors (eager Function, opaque and inlined operators), without
+#    the whole-model test, which runs interpreted)
 part kernels_tests 240 "$PY" -m pytest -v -rf --tb=line -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_attention.py \
   tests/test_kernels_norm.py tests/test_kernels_rope.py tests/test_kernels_ops.py -k "not whole_model"
 # 2. the end-to-end SR-DiT training step: kernels off vs on (prologue + SDPA, or the Triton flash
@@ -56,11 +57,11 @@ part step 150 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 
 # 3. attention and modulated-norm tables against every SDPA backend and the unfused chains
 #    (the limit covers autotuning every FWD_CONFIGS/BWD_CONFIGS entry for each key it meets)
 part kernels_bench 170 "$PY" benchmarks/bench_kernels.py --compile
-# 3b. host time per attention call: SDPA, our custom operators, the same launchers without them
+# 3b. host time per attention call: SDPA, our eager Function, the opaque operators, compiled
 part host_overhead 60 "$PY" benchmarks/bench_host_overhead.py
 # 4. evaluation feature extraction (Inception port + DINOv2-L/14 in fp32 and TF32, random weights)
 part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extraction-images 2048 --extraction-batch 256
-# 5. the torch.compile'd step: torch path, and the kernels as custom ops inside the graph
+# 5. the torch.compile'd step: torch path, and the kernels inlined into inductor's graph
 part step_compile 200 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
   --variants torch+compile,triton+compile,triton+flash+compile
 # 6. INVAE encode for preprocessing

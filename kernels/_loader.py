@@ -49,5 +49,8 @@ def load(name: str, interpret: bool) -> ModuleType:
                 os.environ["TRITON_INTERPRET"] = previous
         if bool(mod.INTERPRET) != interpret:  # e.g. triton.knobs.runtime.interpret set in code
             raise RuntimeError(f"could not load the Triton kernels with interpret={interpret}")
+        if not interpret:
+            from ._ops import register_kernel_sources
+            register_kernel_sources(name, mod)
         _CACHE[key] = mod
         return mod

@@ -526,14 +526,15 @@ def _prologue_tile_fwd(X, Y, W, COS, SIN, offs, ok, stride_xn, stride_yn, stride
 
 
 @triton.jit
-def _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N: tl.constexpr):
+def _prologue_program(H, N, BLOCK_N: tl.constexpr):
     """What program (token block, batch * head, q or k) works on: its token offsets and their
-    mask, batch, head, which tensor (0: q, 1: k), and the RoPE tables of its sample."""
+    mask, batch, head and which tensor (0: q, 1: k). (No pointers returned: PyTorch's analysis of
+    which arguments a kernel writes takes a pointer returned from a call as written.)"""
     bh = tl.program_id(1)
     b = tl.cast(bh // H, tl.int64)
     h = tl.cast(bh % H, tl.int64)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs, offs < N, b, h, tl.program_id(2), COS + b * stride_cb, SIN + b * stride_cb
+    return offs, offs < N, b, h, tl.program_id(2)
 
 
 @triton.jit
@@ -542,7 +543,8 @@ def qk_prologue_fwd(Q, K, QO, KO, COS, SIN, QW, KW,
                     stride_ob, stride_oh, stride_on, stride_cb, stride_cn, H, N, eps,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
                     HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    offs, ok, b, h, which, COS, SIN = _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N)
+    offs, ok, b, h, which = _prologue_program(H, N, BLOCK_N)
+    COS, SIN = COS + b * stride_cb, SIN + b * stride_cb  # this sample's RoPE tables
     out_off = b * stride_ob + h * stride_oh
     if which == 0:
         _prologue_tile_fwd(Q + b * stride_qb + h * stride_qh, QO + out_off, QW, COS, SIN, offs, ok,
@@ -578,7 +580,8 @@ def qk_prologue_bwd(Q, K, DQO, DKO, DQ, DK, DQW, DKW, COS, SIN, QW, KW,
                     HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
     """dq, dk into [B, H, N, D] buffers; per-program partial sums of the norm weights' gradients
     into row (bh * num_programs(0) + pid_n) of DQW / DKW."""
-    offs, ok, b, h, which, COS, SIN = _prologue_program(COS, SIN, stride_cb, H, N, BLOCK_N)
+    offs, ok, b, h, which = _prologue_program(H, N, BLOCK_N)
+    COS, SIN = COS + b * stride_cb, SIN + b * stride_cb
     d_off = b * stride_db + h * stride_dh
     row = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     if which == 0:

@@ -1,11 +1,12 @@
-"""Fused RMSNorm + adaLN modulation (+ gated residual add): launchers, custom operators with
-autograd, dispatch."""
+"""Fused RMSNorm + adaLN modulation (+ gated residual add): launchers, autograd (kernels/_ops.py),
+dispatch."""
 from __future__ import annotations
 
 import torch
 
 from . import _loader, reference
 from ._dispatch import resolve_backend, unit_last
+from ._ops import KernelOp, launch
 
 MAX_CHANNELS = 8192
 
@@ -48,7 +49,7 @@ def _fwd(x, u, gate, shift, scale, weight, eps, out_dtype):
     h = torch.empty(b, n, c, device=x.device, dtype=x.dtype) if res else x
     u_ = u if res else x
     g_ = gate if res else shift
-    mod.modnorm_fwd[plan.fwd_grid](
+    launch(mod, mod.modnorm_fwd)[plan.fwd_grid](
         x, u_, g_, shift, scale, x if weight is None else weight, h, y, rstd, n, c,
         x.stride(0), x.stride(1), u_.stride(0), u_.stride(1), g_.stride(0), shift.stride(0),
         scale.stride(0), h.stride(0), h.stride(1), y.stride(0), y.stride(1), eps,
@@ -76,7 +77,7 @@ def _bwd(h, dy, dh, u, gate, scale, weight, rstd, x_dtype):
     u_ = u if res else h
     g_ = gate if res else scale
     dh_ = dh if dh is not None else h
-    mod.modnorm_bwd[plan.bwd_grid](
+    launch(mod, mod.modnorm_bwd)[plan.bwd_grid](
         h, dy, dh_, u_, g_, scale, h if weight is None else weight, rstd, dx, du,
         pshift, pscale, pw, pgate, n, c, plan.rows_per_prog,
         h.stride(0), h.stride(1), dy.stride(0), dy.stride(1), dh_.stride(0), dh_.stride(1),
@@ -90,9 +91,9 @@ def _bwd(h, dy, dh, u, gate, scale, weight, rstd, x_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom operators (torch.library) with fake implementations and registered backwards, so that
-# torch.compile traces through the kernels (see kernels/flash.py). Gradients that do not exist
-# (no norm weight) come back from the backward ops as empty tensors.
+# Forward/backward functions with autograd, exposed through kernels/_ops.KernelOp (see
+# kernels/flash.py). Gradients that do not exist (no norm weight) come back from the backward
+# functions as empty tensors.
 # ---------------------------------------------------------------------------------------------
 Tensor = torch.Tensor
 
@@ -101,32 +102,28 @@ def _empty_grad(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("speedrun_kernels::modulated_rmsnorm", mutates_args=())
-def _modnorm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, eps: float,
-                out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _modnorm_forward(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, eps: float,
+                     out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(normalised and modulated x, rstd per token)."""
     x, shift, scale = unit_last(x), unit_last(shift), unit_last(scale)
     _, y, rstd = _fwd(x, None, None, shift, scale, weight, eps, out_dtype)
     return y, rstd
 
 
-@_modnorm_op.register_fake
-def _(x, shift, scale, weight, eps, out_dtype):
+def _modnorm_forward_fake(x, shift, scale, weight, eps, out_dtype):
     b, n, c = x.shape
     return x.new_empty(b, n, c, dtype=out_dtype), x.new_empty(b, n, dtype=torch.float32)
 
 
-@torch.library.custom_op("speedrun_kernels::modulated_rmsnorm_backward", mutates_args=())
-def _modnorm_backward_op(x: Tensor, dy: Tensor, scale: Tensor, weight: Tensor | None,
-                         rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _modnorm_backward(x: Tensor, dy: Tensor, scale: Tensor, weight: Tensor | None,
+                      rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d shift, d scale, d weight) with the [B, C] / [C] sums in fp32."""
     dx, _, _, dshift, dscale, dw = _bwd(x, unit_last(dy), None, None, None, scale, weight, rstd,
                                         x.dtype)
     return dx, dshift, dscale, _empty_grad(x) if dw is None else dw
 
 
-@_modnorm_backward_op.register_fake
-def _(x, dy, scale, weight, rstd):
+def _modnorm_backward_fake(x, dy, scale, weight, rstd):
     b, _, c = x.shape
     f32 = dict(dtype=torch.float32)
     return (x.new_empty(x.shape), x.new_empty(b, c, **f32),
@@ -139,38 +136,35 @@ def _modnorm_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _modnorm_backward(ctx, dy, _drstd):
+def _modnorm_grads(ctx, backward, dy, _drstd):
     x, scale, weight, rstd = ctx.saved_tensors
-    dx, dshift, dscale, dw = _modnorm_backward_op(x, dy, scale, weight, rstd)
+    dx, dshift, dscale, dw = backward(x, dy, scale, weight, rstd)
     return (dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
             None if weight is None else dw.to(weight.dtype), None, None)
 
 
-_modnorm_op.register_autograd(_modnorm_backward, setup_context=_modnorm_setup)
+MODNORM = KernelOp("modulated_rmsnorm", "norm", _modnorm_forward, _modnorm_forward_fake,
+                   _modnorm_backward, _modnorm_backward_fake, _modnorm_setup, _modnorm_grads)
 
 
-@torch.library.custom_op("speedrun_kernels::gated_residual_modulated_rmsnorm", mutates_args=())
-def _residual_op(x: Tensor, u: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                 weight: Tensor | None, eps: float,
-                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _residual_forward(x: Tensor, u: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                      weight: Tensor | None, eps: float,
+                      out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(h = x + gate * u, modulated rmsnorm of h, rstd per token)."""
     x, u = unit_last(x), unit_last(u)
     gate, shift, scale = unit_last(gate), unit_last(shift), unit_last(scale)
     return _fwd(x, u, gate, shift, scale, weight, eps, out_dtype)
 
 
-@_residual_op.register_fake
-def _(x, u, gate, shift, scale, weight, eps, out_dtype):
+def _residual_forward_fake(x, u, gate, shift, scale, weight, eps, out_dtype):
     b, n, c = x.shape
     return (x.new_empty(b, n, c), x.new_empty(b, n, c, dtype=out_dtype),
             x.new_empty(b, n, dtype=torch.float32))
 
 
-@torch.library.custom_op("speedrun_kernels::gated_residual_modulated_rmsnorm_backward",
-                         mutates_args=())
-def _residual_backward_op(h: Tensor, dy: Tensor, dh: Tensor | None, u: Tensor, gate: Tensor,
-                          scale: Tensor, weight: Tensor | None,
-                          rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _residual_backward(h: Tensor, dy: Tensor, dh: Tensor | None, u: Tensor, gate: Tensor,
+                       scale: Tensor, weight: Tensor | None,
+                       rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, du, d gate, d shift, d scale, d weight) with the [B, C] / [C] sums in fp32."""
     dx, du, dgate, dshift, dscale, dw = _bwd(h, unit_last(dy),
                                              None if dh is None else unit_last(dh), u, gate,
@@ -178,8 +172,7 @@ def _residual_backward_op(h: Tensor, dy: Tensor, dh: Tensor | None, u: Tensor, g
     return dx, du, dgate, dshift, dscale, _empty_grad(h) if dw is None else dw
 
 
-@_residual_backward_op.register_fake
-def _(h, dy, dh, u, gate, scale, weight, rstd):
+def _residual_backward_fake(h, dy, dh, u, gate, scale, weight, rstd):
     b, _, c = h.shape
     f32 = dict(dtype=torch.float32)
     return (h.new_empty(h.shape), torch.empty_like(u),
@@ -194,18 +187,18 @@ def _residual_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _residual_backward(ctx, dh, dy, _drstd):
+def _residual_grads(ctx, backward, dh, dy, _drstd):
     h, u, gate, scale, weight, rstd = ctx.saved_tensors
     if dy is None:  # the normalised output was not used: only the residual add remains
         dy = torch.zeros_like(h)
-    dx, du, dgate, dshift, dscale, dw = _residual_backward_op(h, dy, dh, u, gate, scale, weight,
-                                                              rstd)
+    dx, du, dgate, dshift, dscale, dw = backward(h, dy, dh, u, gate, scale, weight, rstd)
     return (dx, du, dgate.to(gate.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype),
             None if weight is None else dw.to(weight.dtype), None, None)
 
 
-_residual_op.register_autograd(_residual_backward, setup_context=_residual_setup)
-
+RESIDUAL = KernelOp("gated_residual_modulated_rmsnorm", "norm", _residual_forward,
+                    _residual_forward_fake, _residual_backward, _residual_backward_fake,
+                    _residual_setup, _residual_grads)
 
 # ---------------------------------------------------------------------------------------------
 # Public API
@@ -245,7 +238,7 @@ def modulated_rmsnorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     problem = unsupported_reason(x, shift, scale, weight, out_dtype)
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.modulated_rmsnorm_reference(x, shift, scale, weight, eps, out_dtype)
-    return _modnorm_op(x, shift, scale, weight, eps, out_dtype or x.dtype)[0]
+    return MODNORM(x, shift, scale, weight, eps, out_dtype or x.dtype)[0]
 
 
 def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: torch.Tensor,
@@ -260,5 +253,5 @@ def gated_residual_modulated_rmsnorm(x: torch.Tensor, u: torch.Tensor, gate: tor
     if resolve_backend(backend, x.device, problem) == "torch":
         return reference.gated_residual_modulated_rmsnorm_reference(x, u, gate, shift, scale,
                                                                     weight, eps, out_dtype)
-    h, y, _ = _residual_op(x, u, gate, shift, scale, weight, eps, out_dtype or x.dtype)
+    h, y, _ = RESIDUAL(x, u, gate, shift, scale, weight, eps, out_dtype or x.dtype)
     return h, y

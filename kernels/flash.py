@@ -1,4 +1,4 @@
-"""Fused attention: launchers, custom operators (with autograd) and the public dispatch functions."""
+"""Fused attention: launchers, autograd (kernels/_ops.py) and the public dispatch functions."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import torch
 
 from . import _loader, reference
 from ._dispatch import autocast_inputs, resolve_backend, unit_last
+from ._ops import KernelOp, launch
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128)
@@ -75,10 +76,10 @@ def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
             scb, scn, h, n, scale * LOG2E, eps)
     flags = _flags(q, rope, qw, kw, interleaved)
     if _autotuned(mod):
-        mod.attn_fwd_tuned[lambda m: (_cdiv(n, m["BLOCK_M"]), b * h)](*args, **flags)
+        launch(mod, mod.attn_fwd_tuned)[lambda m: (_cdiv(n, m["BLOCK_M"]), b * h)](*args, **flags)
     else:
         meta = mod.FIXED_META["fwd"]
-        mod.attn_fwd[(_cdiv(n, meta["BLOCK_M"]), b * h)](*args, **flags, **meta)
+        launch(mod, mod.attn_fwd)[(_cdiv(n, meta["BLOCK_M"]), b * h)](*args, **flags, **meta)
     return lse
 
 
@@ -112,9 +113,9 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     def grid(m):
         return (_cdiv(n, m["BLOCK_N1"]) + _cdiv(n, m["BLOCK_M2"]), b * h)
     if tuned:
-        mod.attn_bwd_tuned[grid](*args, **flags)
+        launch(mod, mod.attn_bwd_tuned)[grid](*args, **flags)
     else:
-        mod.attn_bwd[grid(meta)](*args, **flags, **meta)
+        launch(mod, mod.attn_bwd)[grid(meta)](*args, **flags, **meta)
     dkw = dw_part[:, 0].sum((0, 1)).to(kw.dtype) if kw is not None else None
     dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
     return dqw, dkw
@@ -134,7 +135,7 @@ def _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, qw, kw, eps, interleaved)
                            dtype=torch.float32)
     dkw_part = torch.empty(b * h * blocks if kw is not None else 1, d, device=q.device,
                            dtype=torch.float32)
-    mod.qk_prologue_bwd[(blocks, b * h, 2)](
+    launch(mod, mod.qk_prologue_bwd)[(blocks, b * h, 2)](
         q, k, dqo, dko, dq, dk, dqw_part, dkw_part, c, s, q if qw is None else qw,
         q if kw is None else kw,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -147,10 +148,9 @@ def _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, qw, kw, eps, interleaved)
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom operators (torch.library): the kernels are ops of their own with a fake (meta)
-# implementation and a registered backward, so torch.compile traces through them without a graph
-# break and eager calls go through the same code. Norm weights the caller does not pass come
-# back as empty gradients from the backward ops (an op cannot return None).
+# Forward/backward functions with autograd, exposed through kernels/_ops.KernelOp (an eager
+# autograd.Function, and operators for torch.compile). Norm weights the caller does not pass come
+# back as empty gradients from the backward functions (an operator cannot return None).
 # ---------------------------------------------------------------------------------------------
 Tensor = torch.Tensor
 
@@ -165,14 +165,13 @@ def _or_none(g: Tensor) -> Tensor | None:
 
 
 def _or_empty(g: Tensor | None, like: Tensor) -> Tensor:
-    """The inverse of `_or_none`: what a backward op returns for a weight that is absent."""
+    """The inverse of `_or_none`: what a backward returns for a weight that is absent."""
     return _weight_grad(None, like) if g is None else g
 
 
-@torch.library.custom_op("speedrun_kernels::flash_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
-                  q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, scale: float,
-                  eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
+                       q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, scale: float,
+                       eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
     """(o, base-2 logsumexp) of softmax(scale P(q) P(k)^T) v on [B, H, N, D] tensors."""
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     rope = None if cos is None else (cos, sin)
@@ -181,17 +180,16 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tens
     return o, lse
 
 
-@_attention_op.register_fake
-def _(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+def _attention_forward_fake(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                            interleaved):
     b, h, n, _ = q.shape
     return _bhnd_buffer(q), q.new_empty(b * h, n, dtype=torch.float32)
 
 
-@torch.library.custom_op("speedrun_kernels::flash_attention_backward", mutates_args=())
-def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-                           cos: Tensor | None, sin: Tensor | None, q_norm_weight: Tensor | None,
-                           k_norm_weight: Tensor | None, scale: float, eps: float,
-                           interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                        cos: Tensor | None, sin: Tensor | None, q_norm_weight: Tensor | None,
+                        k_norm_weight: Tensor | None, scale: float, eps: float,
+                        interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
     q, k, v, o = unit_last(q), unit_last(k), unit_last(v), unit_last(o)
     rope = None if cos is None else (cos, sin)
@@ -201,8 +199,8 @@ def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tens
     return dq, dk, dv, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
-@_attention_backward_op.register_fake
-def _(q, k, v, o, lse, do, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+def _attention_backward_fake(q, k, v, o, lse, do, cos, sin, q_norm_weight, k_norm_weight, scale,
+                             eps, interleaved):
     return (_bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v), _weight_grad(q_norm_weight, q),
             _weight_grad(k_norm_weight, q))
 
@@ -214,14 +212,16 @@ def _attention_setup(ctx, inputs, output):
     ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
 
 
-def _attention_backward(ctx, do, _dlse):
+def _attention_grads(ctx, backward, do, _dlse):
     q, k, v, o, lse, cos, sin, qw, kw = ctx.saved_tensors
-    dq, dk, dv, dqw, dkw = _attention_backward_op(q, k, v, o, lse, do, cos, sin, qw, kw, ctx.scale,
-                                                  ctx.eps, ctx.interleaved)
+    dq, dk, dv, dqw, dkw = backward(q, k, v, o, lse, do, cos, sin, qw, kw, ctx.scale, ctx.eps,
+                                    ctx.interleaved)
     return dq, dk, dv, None, None, _or_none(dqw), _or_none(dkw), None, None, None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+ATTENTION = KernelOp("flash_attention", "attention", _attention_forward,
+                     _attention_forward_fake, _attention_backward, _attention_backward_fake,
+                     _attention_setup, _attention_grads)
 
 
 def _unpack(qkv: Tensor, heads: int):
@@ -230,10 +230,9 @@ def _unpack(qkv: Tensor, heads: int):
     return qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4)
 
 
-@torch.library.custom_op("speedrun_kernels::flash_attention_packed", mutates_args=())
-def _attention_packed_op(qkv: Tensor, heads: int, cos: Tensor | None, sin: Tensor | None,
-                         q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
-                         scale: float, eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+def _attention_packed_forward(qkv: Tensor, heads: int, cos: Tensor | None, sin: Tensor | None,
+                              q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
+                              scale: float, eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
     """The attention of a packed qkv [B, N, 3 * H * D] (the output of one Linear), read through
     strides; returns ([B, N, H * D] output, logsumexp) with no permute/contiguous copies."""
     qkv = unit_last(qkv)
@@ -245,18 +244,17 @@ def _attention_packed_op(qkv: Tensor, heads: int, cos: Tensor | None, sin: Tenso
     return o.transpose(1, 2).reshape(b, n, c3 // 3), lse
 
 
-@_attention_packed_op.register_fake
-def _(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+def _attention_packed_forward_fake(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale,
+                                   eps, interleaved):
     b, n, c3 = qkv.shape
     return qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b * heads, n, dtype=torch.float32)
 
 
-@torch.library.custom_op("speedrun_kernels::flash_attention_packed_backward", mutates_args=())
-def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, heads: int,
-                                  cos: Tensor | None, sin: Tensor | None,
-                                  q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
-                                  scale: float, eps: float,
-                                  interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_packed_backward(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, heads: int,
+                               cos: Tensor | None, sin: Tensor | None,
+                               q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
+                               scale: float, eps: float,
+                               interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d qkv as one packed tensor, d q_norm_weight, d k_norm_weight)."""
     qkv = unit_last(qkv)
     b, n, c3 = qkv.shape
@@ -272,8 +270,8 @@ def _attention_packed_backward_op(qkv: Tensor, out: Tensor, lse: Tensor, dout: T
     return dqkv, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
-@_attention_packed_backward_op.register_fake
-def _(qkv, out, lse, dout, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps, interleaved):
+def _attention_packed_backward_fake(qkv, out, lse, dout, heads, cos, sin, q_norm_weight,
+                                    k_norm_weight, scale, eps, interleaved):
     return (torch.empty_like(unit_last(qkv)), _weight_grad(q_norm_weight, qkv),
             _weight_grad(k_norm_weight, qkv))
 
@@ -285,21 +283,22 @@ def _attention_packed_setup(ctx, inputs, output):
     ctx.heads, ctx.scale, ctx.eps, ctx.interleaved = heads, scale, eps, interleaved
 
 
-def _attention_packed_backward(ctx, dout, _dlse):
+def _attention_packed_grads(ctx, backward, dout, _dlse):
     qkv, out, lse, cos, sin, qw, kw = ctx.saved_tensors
-    dqkv, dqw, dkw = _attention_packed_backward_op(qkv, out, lse, dout, ctx.heads, cos, sin, qw,
-                                                   kw, ctx.scale, ctx.eps, ctx.interleaved)
+    dqkv, dqw, dkw = backward(qkv, out, lse, dout, ctx.heads, cos, sin, qw, kw, ctx.scale,
+                              ctx.eps, ctx.interleaved)
     return dqkv, None, None, None, _or_none(dqw), _or_none(dkw), None, None, None
 
 
-_attention_packed_op.register_autograd(_attention_packed_backward,
-                                       setup_context=_attention_packed_setup)
+ATTENTION_PACKED = KernelOp("flash_attention_packed", "attention",
+                            _attention_packed_forward, _attention_packed_forward_fake,
+                            _attention_packed_backward, _attention_packed_backward_fake,
+                            _attention_packed_setup, _attention_packed_grads)
 
 
-@torch.library.custom_op("speedrun_kernels::qk_norm_rope", mutates_args=())
-def _prologue_op(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None,
-                 q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, eps: float,
-                 interleaved: bool) -> tuple[Tensor, Tensor]:
+def _prologue_forward(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None,
+                      q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, eps: float,
+                      interleaved: bool) -> tuple[Tensor, Tensor]:
     """(P(q), P(k)) with P = RoPE(RMSNorm(.)) (each optional) on [B, H, N, D] tensors, in one
     launch, for an attention implementation without a prologue (SDPA). Outputs are [B, H, N, D]
     views of [B, N, H, D] memory; the backward recomputes P from the inputs."""
@@ -310,7 +309,7 @@ def _prologue_op(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None,
     c, s, scb, scn = _rope_args(rope, q)
     qo, ko = _bhnd_buffer(q), _bhnd_buffer(k)
     meta = mod.PROLOGUE_META
-    mod.qk_prologue_fwd[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
+    launch(mod, mod.qk_prologue_fwd)[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
         q, k, qo, ko, c, s, q if q_norm_weight is None else q_norm_weight,
         q if k_norm_weight is None else k_norm_weight,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -319,16 +318,14 @@ def _prologue_op(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | None,
     return qo, ko
 
 
-@_prologue_op.register_fake
-def _(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
+def _prologue_forward_fake(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
     return _bhnd_buffer(q), _bhnd_buffer(k)
 
 
-@torch.library.custom_op("speedrun_kernels::qk_norm_rope_backward", mutates_args=())
-def _prologue_backward_op(q: Tensor, k: Tensor, dqo: Tensor, dko: Tensor, cos: Tensor | None,
-                          sin: Tensor | None, q_norm_weight: Tensor | None,
-                          k_norm_weight: Tensor | None, eps: float,
-                          interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _prologue_backward(q: Tensor, k: Tensor, dqo: Tensor, dko: Tensor, cos: Tensor | None,
+                       sin: Tensor | None, q_norm_weight: Tensor | None,
+                       k_norm_weight: Tensor | None, eps: float,
+                       interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
     q, k = unit_last(q), unit_last(k)
     dq, dk = _bhnd_buffer(q), _bhnd_buffer(k)
@@ -338,8 +335,8 @@ def _prologue_backward_op(q: Tensor, k: Tensor, dqo: Tensor, dko: Tensor, cos: T
     return dq, dk, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
-@_prologue_backward_op.register_fake
-def _(q, k, dqo, dko, cos, sin, q_norm_weight, k_norm_weight, eps, interleaved):
+def _prologue_backward_fake(q, k, dqo, dko, cos, sin, q_norm_weight, k_norm_weight, eps,
+                            interleaved):
     return (_bhnd_buffer(q), _bhnd_buffer(k), _weight_grad(q_norm_weight, q),
             _weight_grad(k_norm_weight, q))
 
@@ -350,25 +347,24 @@ def _prologue_setup(ctx, inputs, output):
     ctx.eps, ctx.interleaved = eps, interleaved
 
 
-def _prologue_backward(ctx, dqo, dko):
+def _prologue_grads(ctx, backward, dqo, dko):
     q, k, cos, sin, qw, kw = ctx.saved_tensors
     if dqo is None:
         dqo = torch.zeros_like(q)
     if dko is None:
         dko = torch.zeros_like(k)
-    dq, dk, dqw, dkw = _prologue_backward_op(q, k, dqo, dko, cos, sin, qw, kw, ctx.eps,
-                                             ctx.interleaved)
+    dq, dk, dqw, dkw = backward(q, k, dqo, dko, cos, sin, qw, kw, ctx.eps, ctx.interleaved)
     return dq, dk, None, None, _or_none(dqw), _or_none(dkw), None, None
 
 
-_prologue_op.register_autograd(_prologue_backward, setup_context=_prologue_setup)
+PROLOGUE = KernelOp("qk_norm_rope", "attention", _prologue_forward, _prologue_forward_fake,
+                    _prologue_backward, _prologue_backward_fake, _prologue_setup, _prologue_grads)
 
 
 def _prologue_flags(q, rope, qw, kw, interleaved: bool) -> dict:
     flags = _flags(q, rope, qw, kw, interleaved)
     del flags["DOT_PREC"]  # no matmul in the prologue
     return flags
-
 
 # ---------------------------------------------------------------------------------------------
 # Public API
@@ -418,8 +414,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                          k_norm_weight=k_norm_weight, scale=scale, eps=eps,
                                          rope_interleaved=rope_interleaved)
     cos, sin = (None, None) if rope is None else rope
-    return _attention_op(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                         rope_interleaved)[0]
+    return ATTENTION(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                     rope_interleaved)[0]
 
 
 def attention_packed(qkv: torch.Tensor, heads: int, *,
@@ -445,8 +441,8 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
                                       rope_interleaved=rope_interleaved)
         return o.transpose(1, 2).reshape(b, n, c3 // 3)
     cos, sin = (None, None) if rope is None else rope
-    return _attention_packed_op(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                                rope_interleaved)[0]
+    return ATTENTION_PACKED(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
+                            rope_interleaved)[0]
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
@@ -468,4 +464,4 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,
         return (reference.qk_prologue(q, q_norm_weight, rope, eps, rope_interleaved),
                 reference.qk_prologue(k, k_norm_weight, rope, eps, rope_interleaved))
     cos, sin = (None, None) if rope is None else rope
-    return _prologue_op(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, rope_interleaved)
+    return PROLOGUE(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, rope_interleaved)

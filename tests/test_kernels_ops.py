@@ -1,58 +1,72 @@
-"""The kernels as torch.library custom operators: torch.library.opcheck on every op (schema, fake
-implementation against the real output's shapes/dtypes/strides, autograd registration, tracing
-through AOT dispatch), and torch.compile(fullgraph=True) through the public functions and through
-a whole SiT with `--kernels triton`, equal to eager. On CPU the kernels run interpreted."""
+"""How the kernels reach PyTorch (kernels/_ops.py): every operator passes torch.library.opcheck
+(schema, fake implementation against the real output's shapes/dtypes/strides, autograd
+registration, tracing through AOT dispatch); the eager autograd.Function, the opaque and the
+inlined operators compute the same bits; eager calls never enter the operator machinery; under
+torch.compile the inlined operators become the Triton kernels themselves in the graph (traced here
+for an sm_90 target on fake CUDA tensors); torch.compile(fullgraph=True) through the public
+functions and a whole SiT with `--kernels triton` equals eager. On CPU the kernels run
+interpreted."""
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 import train
-from kernels import adaln, flash
+from kernels import _ops, adaln, flash
 from kernels import reference as R
 from test_components import ALL_ON, digits_model
 from train import Routing
 
 pytestmark = pytest.mark.usefixtures("fixed_kernel_tiles")
 DEVICE = torch.device("cuda" if kernels.triton_available() else "cpu")
+# the operator pair torch.compile uses on this device (opaque: interpreted kernels on CPU)
+COMPILED_KIND = "inlined" if DEVICE.type == "cuda" else "opaque"
 
 
-def _t(*shape, grad=True, seed=0):
+def _t(*shape, grad=True, seed=0, device=None):
     g = torch.Generator().manual_seed(seed + sum(shape))
-    return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_(grad)
+    return torch.randn(*shape, generator=g).to(device or DEVICE).requires_grad_(grad)
 
 
-def _rope(n_side=4, d=32):
-    return tuple(t.to(DEVICE) for t in R.rope_2d_table(n_side, n_side, d, num_prefix_tokens=1))
+def _rope(n_side=4, d=32, device=None):
+    return tuple(t.to(device or DEVICE)
+                 for t in R.rope_2d_table(n_side, n_side, d, num_prefix_tokens=1))
 
 
-def _op_cases():
-    cos, sin = _rope()
-    q, k, v = _t(1, 2, 17, 32, seed=1), _t(1, 2, 17, 32, seed=2), _t(1, 2, 17, 32, seed=3)
-    qw, kw = 1 + _t(32, seed=4).detach(), 1 + _t(32, seed=5).detach()
+def _op_cases(device=None):
+    """One call of each KernelOp: (op, inputs)."""
+    cos, sin = _rope(device=device)
+
+    def t(*shape, seed):
+        return _t(*shape, seed=seed, device=device)
+    q, k, v = t(1, 2, 17, 32, seed=1), t(1, 2, 17, 32, seed=2), t(1, 2, 17, 32, seed=3)
+    qw, kw = 1 + t(32, seed=4).detach(), 1 + t(32, seed=5).detach()
     qw.requires_grad_(), kw.requires_grad_()
-    qkv = _t(2, 17, 3 * 2 * 32, seed=6)
-    x, u = _t(2, 5, 64, seed=7), _t(2, 5, 64, seed=8)
-    s, w = _t(2, 64, seed=9), _t(64, seed=10)
+    qkv = t(2, 17, 3 * 2 * 32, seed=6)
+    x, u = t(2, 5, 64, seed=7), t(2, 5, 64, seed=8)
+    s, w = t(2, 64, seed=9), t(64, seed=10)
     f32 = torch.float32
     return {
-        "attention, qk-norm + rope": (flash._attention_op, (q, k, v, cos, sin, qw, kw, 0.2, 1e-6, True)),
-        "attention, plain": (flash._attention_op, (q, k, v, None, None, None, None, 0.2, 1e-6, True)),
-        "attention packed": (flash._attention_packed_op, (qkv, 2, cos, sin, qw, kw, 0.2, 1e-6, False)),
-        "qk_norm_rope, q-norm only": (flash._prologue_op, (q, k, cos, sin, qw, None, 1e-6, True)),
-        "modulated_rmsnorm": (adaln._modnorm_op, (x, s, s, w, 1e-6, f32)),
-        "gated residual": (adaln._residual_op, (x, u, s, s, s, None, 1e-6, torch.float16)),
+        "attention, qk-norm + rope": (flash.ATTENTION, (q, k, v, cos, sin, qw, kw, 0.2, 1e-6, True)),
+        "attention, plain": (flash.ATTENTION, (q, k, v, None, None, None, None, 0.2, 1e-6, True)),
+        "attention packed": (flash.ATTENTION_PACKED, (qkv, 2, cos, sin, qw, kw, 0.2, 1e-6, False)),
+        "qk_norm_rope, q-norm only": (flash.PROLOGUE, (q, k, cos, sin, qw, None, 1e-6, True)),
+        "modulated_rmsnorm": (adaln.MODNORM, (x, s, s, w, 1e-6, f32)),
+        "gated residual": (adaln.RESIDUAL, (x, u, s, s, s, None, 1e-6, torch.float16)),
     }
 
 
-OP_CASES = list(_op_cases())
+OP_CASES = list(_op_cases("cpu"))
 
 
 @pytest.mark.parametrize("case", OP_CASES)
 def test_custom_ops_pass_opcheck(case):
     op, args = _op_cases()[case]
-    result = torch.library.opcheck(op, args)
+    result = torch.library.opcheck(getattr(op, COMPILED_KIND), args)
     assert set(result.values()) == {"SUCCESS"}, result
 
 
@@ -61,24 +75,196 @@ def test_backward_ops_pass_opcheck():
     cos, sin = _rope()
     q, k, v = (_t(1, 2, 17, 32, grad=False, seed=i) for i in range(3))
     qw = 1 + _t(32, grad=False, seed=4)
-    o, lse = flash._attention_op(q, k, v, cos, sin, qw, None, 0.2, 1e-6, True)
+    o, lse = flash.ATTENTION.forward(q, k, v, cos, sin, qw, None, 0.2, 1e-6, True)
     do = _t(1, 2, 17, 32, grad=False, seed=11)
     x, s = _t(2, 5, 64, grad=False), _t(2, 64, grad=False)
-    y, rstd = adaln._modnorm_op(x, s, s, None, 1e-6, torch.float32)
-    h, _, rstd_h = adaln._residual_op(x, x, s, s, s, None, 1e-6, torch.float32)
+    y, rstd = adaln.MODNORM.forward(x, s, s, None, 1e-6, torch.float32)
+    h, _, rstd_h = adaln.RESIDUAL.forward(x, x, s, s, s, None, 1e-6, torch.float32)
     # a packed qkv whose last axis is not the unit-stride one (the real op copies it first)
     qkv = _t(1, 32 * 3 * 2, 17, grad=False, seed=12).transpose(1, 2)
-    po, plse = flash._attention_packed_op(qkv.contiguous(), 2, cos, sin, qw, None, 0.2, 1e-6, True)
+    po, plse = flash.ATTENTION_PACKED.forward(qkv.contiguous(), 2, cos, sin, qw, None, 0.2, 1e-6,
+                                              True)
     cases = [
-        (flash._attention_packed_backward_op, (qkv, po, plse, po, 2, cos, sin, qw, None, 0.2, 1e-6, True)),
-        (flash._attention_backward_op, (q, k, v, o, lse, do, cos, sin, qw, None, 0.2, 1e-6, True)),
-        (flash._prologue_backward_op, (q, k, do, do, cos, sin, None, qw, 1e-6, True)),
-        (adaln._modnorm_backward_op, (x, y, s, None, rstd)),
-        (adaln._residual_backward_op, (h, y, None, x, s, s, None, rstd_h)),
+        (flash.ATTENTION_PACKED, (qkv, po, plse, po, 2, cos, sin, qw, None, 0.2, 1e-6, True)),
+        (flash.ATTENTION, (q, k, v, o, lse, do, cos, sin, qw, None, 0.2, 1e-6, True)),
+        (flash.PROLOGUE, (q, k, do, do, cos, sin, None, qw, 1e-6, True)),
+        (adaln.MODNORM, (x, y, s, None, rstd)),
+        (adaln.RESIDUAL, (h, y, None, x, s, s, None, rstd_h)),
     ]
     for op, args in cases:
-        result = torch.library.opcheck(op, args)
-        assert set(result.values()) == {"SUCCESS"}, (op, result)
+        result = torch.library.opcheck(getattr(op, COMPILED_KIND + "_backward"), args)
+        assert set(result.values()) == {"SUCCESS"}, (op.name, result)
+
+
+class _OpLog(TorchDispatchMode):
+    """Names of the operators dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _run(fn, args):
+    """Outputs of fn(*args) and the gradients of every input that requires them, for a fixed
+    weighting of the outputs."""
+    outs = fn(*args)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    loss = sum((o.float() * (1 + torch.arange(o.numel(), device=o.device).view(o.shape) % 3)).sum()
+               for o in outs if o.dtype.is_floating_point and o.requires_grad)
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_eager_function_and_both_operators_compute_the_same_bits(case):
+    """The three wrappers share the launch functions: outputs and every gradient bitwise equal;
+    eager calls and the opaque operator's run its own backward operator, the inlined its own."""
+    op, args = _op_cases()[case]
+    results = {}
+    for kind in ("eager", "opaque", "inlined"):
+        fn = op.eager.apply if kind == "eager" else getattr(op, kind)
+        with _OpLog() as log:
+            results[kind] = _run(fn, args)
+        ours = [n for n in log.names if n.startswith(_ops.NAMESPACE)]
+        if kind == "eager":
+            assert ours == [], ours
+        else:
+            suffix = "_inlined" if kind == "inlined" else ""
+            assert ours == [f"{_ops.NAMESPACE}.{op.name}{suffix}.default",
+                            f"{_ops.NAMESPACE}.{op.name}{suffix}_backward.default"], ours
+    for kind in ("opaque", "inlined"):
+        for a, b in zip(results[kind][0] + results[kind][1],
+                        results["eager"][0] + results["eager"][1]):
+            assert torch.equal(a, b), (kind, case)
+
+
+def test_public_functions_call_the_launchers_without_operator_dispatch():
+    """Eager (the training step without --compile): no torch.library operator on the way, the
+    host cost measured on the GPU (benchmarks/RESULTS_GPU.md)."""
+    q, k, v = (_t(1, 2, 17, 32, seed=i) for i in range(3))
+    x, s = _t(2, 5, 64, seed=7), _t(2, 64, seed=9)
+    with _OpLog() as log:
+        out = kernels.attention(q, k, v, rope=_rope(), backend="triton").sum()
+        out = out + kernels.modulated_rmsnorm(x, s, s, backend="triton").sum()
+        torch.autograd.grad(out, (q, k, v, x, s))
+    assert log.names and not [n for n in log.names if n.startswith(_ops.NAMESPACE)], log.names
+
+
+def test_eager_functions_launch_compiled_kernels_without_the_traceable_wrapper():
+    """On a GPU the eager Function launches the kernel objects themselves; elsewhere launch()
+    hands out wrap_triton's wrapper (what torch.compile traces)."""
+    from kernels import _loader
+    mod = _loader.load("attention", interpret=False)
+    wrapped = _ops.launch(mod, mod.attn_fwd_tuned)
+    assert wrapped is not mod.attn_fwd_tuned and wrapped.kernel is mod.attn_fwd_tuned
+    with _ops._direct_launches():
+        assert _ops.launch(mod, mod.attn_fwd_tuned) is mod.attn_fwd_tuned
+    assert _ops.launch(mod, mod.attn_fwd_tuned) is not mod.attn_fwd_tuned  # restored
+
+
+def test_compiled_calls_take_the_inlined_operators_on_cuda_only(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(flash.ATTENTION, "inlined", lambda *a: calls.append("inlined"))
+    monkeypatch.setattr(flash.ATTENTION, "opaque", lambda *a: calls.append("opaque"))
+    with FakeTensorMode():
+        flash.ATTENTION(torch.empty(1, 1, 4, 32, device="cuda"))
+    flash.ATTENTION(torch.empty(1, 1, 4, 32))
+    assert calls == ["inlined", "opaque"]
+
+
+@pytest.fixture
+def sm90_target(monkeypatch):
+    """Triton's active driver answering "an sm_90 GPU" on this CPU machine, for PyTorch's TTIR
+    analysis of which kernel arguments a launch writes (it compiles the kernel to TTIR only)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    target = GPUTarget("cuda", 90, 32)
+    monkeypatch.setattr(triton.runtime.driver, "_active",
+                        types.SimpleNamespace(get_current_target=lambda: target))
+
+
+def _traced_kernels(fn, *args) -> list[tuple[str, list[str]]]:
+    """(kernel name, arguments it writes) for each Triton kernel call in the functionalised trace
+    of fn(*args); fails on an opaque speedrun_kernels operator left in the graph."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
+    calls = []
+    for node in gm.graph.nodes:
+        assert _ops.NAMESPACE not in str(node.target), gm.code
+        if node.op == "call_function" and "triton_kernel_wrapper" in str(node.target):
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            jit = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
+            calls.append((jit.__name__, sorted(node.kwargs["tensors_to_clone"])))
+    return calls
+
+
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, monkeypatch, autotune):
+    """Under torch.compile on CUDA, inductor receives the kernels themselves (and launches them
+    from its generated code). Traced with fake CUDA tensors: each forward and backward operator
+    is one kernel call that writes only its outputs (so inductor copies no input), with the
+    autotuned kernels and with the fixed tile configs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setenv("KERNELS_AUTOTUNE", autotune)
+    with FakeTensorMode():
+        def t(*shape, dtype=torch.bfloat16):
+            return torch.empty(*shape, device="cuda", dtype=dtype)
+        q, k, v, do = (t(2, 3, 257, 64) for _ in range(4))
+        qkv = t(2, 257, 3 * 3 * 64)
+        qw, kw = t(64, dtype=torch.float32), t(64, dtype=torch.float32)
+        cos, sin = t(257, 32, dtype=torch.float32), t(257, 32, dtype=torch.float32)
+        x, dy = t(2, 257, 192), t(2, 257, 192)
+        shift, scale, gate = (t(2, 192) for _ in range(3))
+        o, lse = flash.ATTENTION.inlined(q, k, v, cos, sin, qw, kw, 0.125, 1e-6, True)
+        po, plse = flash.ATTENTION_PACKED.inlined(qkv, 3, cos, sin, qw, kw, 0.125, 1e-6, True)
+        _, rstd = adaln.MODNORM.inlined(x, shift, scale, None, 1e-6, torch.bfloat16)
+        h, _, rstd_h = adaln.RESIDUAL.inlined(x, x, gate, shift, scale, None, 1e-6,
+                                              torch.bfloat16)
+    f = dict(scale=0.125, eps=1e-6, interleaved=True)
+    cases = [
+        (lambda *a: flash.ATTENTION.inlined(*a, **f), (q, k, v, cos, sin, qw, kw),
+         [("attn_fwd", ["LSE", "O"])]),
+        (lambda *a: flash.ATTENTION.inlined_backward(*a, **f), (q, k, v, o, lse, do, cos, sin, qw, kw),
+         [("attn_bwd", ["DK", "DQ", "DV", "DW"])]),
+        (lambda *a: flash.ATTENTION_PACKED.inlined(*a, **f), (qkv, 3, cos, sin, qw, kw),
+         [("attn_fwd", ["LSE", "O"])]),
+        (lambda *a: flash.ATTENTION_PACKED.inlined_backward(*a, **f),
+         (qkv, po, plse, po, 3, cos, sin, qw, kw), [("attn_bwd", ["DK", "DQ", "DV", "DW"])]),
+        (lambda *a: flash.PROLOGUE.inlined(*a, 1e-6, True), (q, k, cos, sin, qw, kw),
+         [("qk_prologue_fwd", ["KO", "QO"])]),
+        (lambda *a: flash.PROLOGUE.inlined_backward(*a, 1e-6, True),
+         (q, k, do, do, cos, sin, qw, kw), [("qk_prologue_bwd", ["DK", "DKW", "DQ", "DQW"])]),
+        (lambda *a: adaln.MODNORM.inlined(*a, 1e-6, torch.bfloat16), (x, shift, scale, None),
+         [("modnorm_fwd", ["RSTD", "Y"])]),  # H (no residual: x as a placeholder) is not written
+        (lambda *a: adaln.MODNORM.inlined_backward(*a), (x, dy, scale, None, rstd),
+         [("modnorm_bwd", ["DX", "PSCALE", "PSHIFT"])]),
+        (lambda *a: adaln.RESIDUAL.inlined(*a, 1e-6, torch.bfloat16), (x, x, gate, shift, scale, None),
+         [("modnorm_fwd", ["H", "RSTD", "Y"])]),
+        (lambda *a: adaln.RESIDUAL.inlined_backward(*a), (h, dy, None, x, gate, scale, None, rstd_h),
+         [("modnorm_bwd", ["DU", "DX", "PGATE", "PSCALE", "PSHIFT"])]),
+    ]
+    for fn, args, want in cases:
+        assert _traced_kernels(fn, *args) == want
+
+
+def test_compile_caches_are_keyed_by_the_kernel_sources():
+    """AOTAutograd keys its cache by the kernels an inlined operator launches; they are loaded at
+    run time, so kernels/_loader registers them (else an edited kernel could be served stale)."""
+    from kernels import _loader
+    from torch._library.triton import get_triton_kernels_for_op
+    attention, norm = _loader.load("attention", interpret=False), _loader.load("norm", interpret=False)
+    for op, mod, kernel in ((flash.ATTENTION, attention, "attn_bwd_tuned"),
+                            (flash.PROLOGUE, attention, "qk_prologue_fwd"),
+                            (adaln.RESIDUAL, norm, "modnorm_bwd")):
+        for name in (op.inlined._qualname, op.inlined_backward._qualname):
+            assert any(k is getattr(mod, kernel) for k in get_triton_kernels_for_op(name)), name
 
 
 def test_public_functions_compile_without_graph_breaks():
