@@ -65,7 +65,7 @@ def attention_rows(args, device) -> list[list[str]]:
         "kernels.attention (eager: autograd.Function)": lambda q, k, v: kernels.attention(
             q, k, v, backend="triton"),
         "same launchers, opaque custom operators": lambda q, k, v: flash.ATTENTION.opaque(
-            q, k, v, None, None, None, None, scale, 1e-6, True)[0],
+            q, k, v, None, None, None, None, scale, 1e-6, True, False)[0],
     }
     if device.type == "cuda":  # inductor cannot launch interpreted kernels
         impls["torch.compile(kernels.attention): inductor launches"] = torch.compile(

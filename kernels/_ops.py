@@ -27,14 +27,16 @@ import torch
 
 NAMESPACE = "speedrun_kernels"
 _BY_MODULE: dict[str, list["KernelOp"]] = {}  # kernel file name -> the ops launching its kernels
+_KERNELS: dict[str, list] = {}  # kernel file name -> its kernels, once the compiled file is loaded
 _STATE = threading.local()  # .direct: inside an eager Function, launch the kernels themselves
 
 
 def launch(mod, kernel):
     """`kernel` (a @triton.jit or @triton.autotune object of the loaded kernel module `mod`) in
-    the form the caller needs: the kernel itself when it is interpreted or called from the eager
-    Function, else torch.library.wrap_triton's wrapper, which torch.compile records as a kernel
-    call in the graph (and which hands back the kernel itself in triton_op's eager path)."""
+    the form the caller needs: the kernel itself when it is interpreted or launched directly
+    (eager Function, opaque operator), else torch.library.wrap_triton's wrapper, which tracing
+    records as a kernel call in the graph (and which, in triton_op's own eager path, passes the
+    launch straight to the kernel)."""
     if mod.INTERPRET or getattr(_STATE, "direct", False):
         return kernel
     return torch.library.wrap_triton(kernel)
@@ -54,19 +56,18 @@ def _direct_launches():
 
 def register_kernel_sources(module: str, mod) -> None:
     """Tells PyTorch which Triton kernels the inlined operators of kernels/_triton_<module>.py
-    launch (called when the compiled-mode file is loaded). AOTAutograd's cache keys a compiled
-    graph by the source of the kernels its triton_ops name; PyTorch finds them by reading the
-    operator's source for `wrap_triton(<global kernel>)`, which cannot see kernels loaded at run
-    time, so without this an edited kernel would be served from a stale cache entry."""
-    import torch._library.triton
+    launch (kernels/_loader.py calls it when the compiled-mode file is loaded; operators made
+    later are registered as they are made). AOTAutograd's cache keys a compiled graph by the
+    source of the kernels its triton_ops name; PyTorch finds them by reading the operator's
+    source for `wrap_triton(<global kernel>)`, which cannot see kernels loaded at run time, so
+    without this an edited kernel would be served from a stale cache entry. (Edits to the launch
+    functions or the tile-config lists are not in that key: clear the compile caches after them,
+    see kernels/README.md.)"""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
-    table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
-    if table is None:  # a PyTorch without that cache
-        return
-    found = [k for k in vars(mod).values() if isinstance(k, (JITFunction, Autotuner))]
+    _KERNELS[module] = [k for k in vars(mod).values() if isinstance(k, (JITFunction, Autotuner))]
     for op in _BY_MODULE.get(module, []):
-        table[op.inlined._qualname] = table[op.inlined_backward._qualname] = found
+        op._register_kernels()
 
 
 def _opaque_op(qualname: str, fn: Callable, fake: Callable):
@@ -96,8 +97,7 @@ class KernelOp:
 
     def __init__(self, name: str, module: str, forward: Callable, forward_fake: Callable,
                  backward: Callable, backward_fake: Callable, setup: Callable, grads: Callable):
-        self.name = name
-        _BY_MODULE.setdefault(module, []).append(self)
+        self.name, self.module = name, module
         self.forward, self.backward = forward, backward
         self.opaque = _opaque_op(f"{NAMESPACE}::{name}", forward, forward_fake)
         self.opaque_backward = _opaque_op(f"{NAMESPACE}::{name}_backward", backward,
@@ -118,15 +118,35 @@ class KernelOp:
             return output
 
         def eager_backward(ctx, *output_grads):
+            if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients would be
+                raise RuntimeError(      # constants, and a second derivative silently zero
+                    f"kernels: the Triton backward of {name} has no derivative of its own "
+                    "(double backward / create_graph=True); use backend='torch'")
             with _direct_launches():
                 return grads(ctx, backward, *output_grads)
         self.eager = type(f"{name}_function", (torch.autograd.Function,),
                           {"forward": staticmethod(eager_forward),
                            "backward": staticmethod(eager_backward)})
+        _BY_MODULE.setdefault(module, []).append(self)
+        self._register_kernels()
+
+    def _register_kernels(self) -> None:
+        import torch._library.triton
+        table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+        found = _KERNELS.get(self.module)
+        if table is not None and found is not None:  # None: an older PyTorch; not loaded yet
+            table[self.inlined._qualname] = table[self.inlined_backward._qualname] = found
 
     def __call__(self, *inputs):
-        """The eager Function outside torch.compile; under it, the inlined operator for CUDA
-        tensors and the opaque one for (interpreted) CPU tensors."""
-        if not torch.compiler.is_compiling():
+        """Outside any tracing, the kernels themselves (through the eager Function when a
+        gradient is wanted); under torch.compile, or for fake or subclassed tensors (make_fx,
+        export, FakeTensorMode), the inlined operators for CUDA tensors and the opaque ones for
+        (interpreted) CPU tensors."""
+        first = inputs[0]
+        if torch.compiler.is_compiling() or type(first) not in (torch.Tensor, torch.nn.Parameter):
+            return self.inlined(*inputs) if first.device.type == "cuda" else self.opaque(*inputs)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in inputs):
             return self.eager.apply(*inputs)
-        return self.inlined(*inputs) if inputs[0].device.type == "cuda" else self.opaque(*inputs)
+        with _direct_launches():  # no graph to record (sampling, evaluation)
+            return self.forward(*inputs)

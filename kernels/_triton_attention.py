@@ -603,8 +603,9 @@ PROLOGUE_META = {"BLOCK_N": 64} if INTERPRET else {"BLOCK_N": 64, "num_warps": 4
 # Launch configurations. Compiled kernels are autotuned over these per (N, head_dim, flags,
 # dtypes); the partial-sum buffer of the norm weights' gradients is zeroed between tuning runs
 # because the number of programs (hence the rows they write) depends on the config. With
-# KERNELS_AUTOTUNE=0 at launch time, and always in the interpreter (autotuning needs a GPU),
-# FIXED_META is used instead: the first config of each list (64 x 64 tiles when interpreted).
+# KERNELS_AUTOTUNE=0 (read by the public functions), and always in the interpreter (autotuning
+# needs a GPU), FIXED_META is used instead: the first config of each list (64 x 64 tiles when
+# interpreted).
 # Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages); backward: (BLOCK_M1, BLOCK_N1, BLOCK_M2,
 # BLOCK_N2, num_warps, num_stages) -- the dK/dV programs like many keys and few queries per
 # step, the dQ programs the opposite (FlashAttention-2's split).

@@ -54,9 +54,11 @@ def _rope_args(rope, q: torch.Tensor):
     return cos, sin, stride_b, cos.stride(-2)
 
 
-def _autotuned(mod) -> bool:
-    """Compiled kernels are autotuned unless KERNELS_AUTOTUNE=0 (read at every launch)."""
-    return not mod.INTERPRET and os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
+def autotune_requested() -> bool:
+    """Compiled attention kernels are autotuned unless KERNELS_AUTOTUNE=0. Read by the public
+    functions at every call and passed to the operators as an argument, so that under
+    torch.compile the choice is a constant of the graph and part of its cache key."""
+    return os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 
 def _flags(q, rope, qw, kw, interleaved: bool) -> dict:
@@ -65,7 +67,7 @@ def _flags(q, rope, qw, kw, interleaved: bool) -> dict:
                 INTERLEAVED=rope is not None and interleaved)
 
 
-def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
+def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved, autotune):
     b, h, n, d = q.shape
     mod = _kernels(q.device)
     lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
@@ -75,7 +77,7 @@ def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             scb, scn, h, n, scale * LOG2E, eps)
     flags = _flags(q, rope, qw, kw, interleaved)
-    if _autotuned(mod):
+    if autotune and not mod.INTERPRET:  # autotuning needs a GPU
         launch(mod, mod.attn_fwd_tuned)[lambda m: (_cdiv(n, m["BLOCK_M"]), b * h)](*args, **flags)
     else:
         meta = mod.FIXED_META["fwd"]
@@ -83,7 +85,8 @@ def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved):
     return lse
 
 
-def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, interleaved):
+def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, interleaved,
+                autotune):
     """Writes dq, dk, dv (preallocated, any strides with unit last stride); returns (dqw, dkw).
     One launch: the dK/dV programs and the dQ programs share the grid, without atomics, so the
     gradients do not depend on scheduling. (Adding dq with fp32 atomics from the dK/dV programs,
@@ -97,7 +100,7 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     # per-program partial sums of the norm weights' gradients, [B * H, (k, q), rows, D]; rows
     # sized for the smallest tile and zeroed (also between autotuning runs) so rows a config does
     # not write add nothing. Without a norm, a 1-element placeholder (autotuning zeroes it).
-    tuned = _autotuned(mod)
+    tuned = autotune and not mod.INTERPRET
     meta = mod.FIXED_META["bwd"]
     min_tile = mod.TUNED_MIN_TILE if tuned else min(meta["BLOCK_N1"], meta["BLOCK_M2"])
     rows = _cdiv(n, min_tile)
@@ -171,17 +174,18 @@ def _or_empty(g: Tensor | None, like: Tensor) -> Tensor:
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
                        q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, scale: float,
-                       eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+                       eps: float, interleaved: bool, autotune: bool) -> tuple[Tensor, Tensor]:
     """(o, base-2 logsumexp) of softmax(scale P(q) P(k)^T) v on [B, H, N, D] tensors."""
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     rope = None if cos is None else (cos, sin)
     o = _bhnd_buffer(q)
-    lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
+    lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved,
+                      autotune)
     return o, lse
 
 
 def _attention_forward_fake(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                            interleaved):
+                            interleaved, autotune):
     b, h, n, _ = q.shape
     return _bhnd_buffer(q), q.new_empty(b * h, n, dtype=torch.float32)
 
@@ -189,34 +193,35 @@ def _attention_forward_fake(q, k, v, cos, sin, q_norm_weight, k_norm_weight, sca
 def _attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                         cos: Tensor | None, sin: Tensor | None, q_norm_weight: Tensor | None,
                         k_norm_weight: Tensor | None, scale: float, eps: float,
-                        interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        interleaved: bool,
+                        autotune: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d q_norm_weight, d k_norm_weight); absent weights get empty gradients."""
     q, k, v, o = unit_last(q), unit_last(k), unit_last(v), unit_last(o)
     rope = None if cos is None else (cos, sin)
     dq, dk, dv = _bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v)
     dqw, dkw = _launch_bwd(q, k, v, o, lse, unit_last(do), dq, dk, dv, rope, q_norm_weight,
-                           k_norm_weight, scale, eps, interleaved)
+                           k_norm_weight, scale, eps, interleaved, autotune)
     return dq, dk, dv, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
 def _attention_backward_fake(q, k, v, o, lse, do, cos, sin, q_norm_weight, k_norm_weight, scale,
-                             eps, interleaved):
+                             eps, interleaved, autotune):
     return (_bhnd_buffer(q), _bhnd_buffer(k), _bhnd_buffer(v), _weight_grad(q_norm_weight, q),
             _weight_grad(k_norm_weight, q))
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, cos, sin, qw, kw, scale, eps, interleaved = inputs
+    q, k, v, cos, sin, qw, kw, scale, eps, interleaved, autotune = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cos, sin, qw, kw)
-    ctx.scale, ctx.eps, ctx.interleaved = scale, eps, interleaved
+    ctx.scale, ctx.eps, ctx.interleaved, ctx.autotune = scale, eps, interleaved, autotune
 
 
 def _attention_grads(ctx, backward, do, _dlse):
     q, k, v, o, lse, cos, sin, qw, kw = ctx.saved_tensors
     dq, dk, dv, dqw, dkw = backward(q, k, v, o, lse, do, cos, sin, qw, kw, ctx.scale, ctx.eps,
-                                    ctx.interleaved)
-    return dq, dk, dv, None, None, _or_none(dqw), _or_none(dkw), None, None, None
+                                    ctx.interleaved, ctx.autotune)
+    return dq, dk, dv, None, None, _or_none(dqw), _or_none(dkw), None, None, None, None
 
 
 ATTENTION = KernelOp("flash_attention", "attention", _attention_forward,
@@ -232,7 +237,8 @@ def _unpack(qkv: Tensor, heads: int):
 
 def _attention_packed_forward(qkv: Tensor, heads: int, cos: Tensor | None, sin: Tensor | None,
                               q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
-                              scale: float, eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+                              scale: float, eps: float, interleaved: bool,
+                              autotune: bool) -> tuple[Tensor, Tensor]:
     """The attention of a packed qkv [B, N, 3 * H * D] (the output of one Linear), read through
     strides; returns ([B, N, H * D] output, logsumexp) with no permute/contiguous copies."""
     qkv = unit_last(qkv)
@@ -240,12 +246,13 @@ def _attention_packed_forward(qkv: Tensor, heads: int, cos: Tensor | None, sin: 
     q, k, v = _unpack(qkv, heads)
     rope = None if cos is None else (cos, sin)
     o = _bhnd_buffer(q)
-    lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved)
+    lse = _launch_fwd(q, k, v, o, rope, q_norm_weight, k_norm_weight, scale, eps, interleaved,
+                      autotune)
     return o.transpose(1, 2).reshape(b, n, c3 // 3), lse
 
 
 def _attention_packed_forward_fake(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale,
-                                   eps, interleaved):
+                                   eps, interleaved, autotune):
     b, n, c3 = qkv.shape
     return qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b * heads, n, dtype=torch.float32)
 
@@ -253,8 +260,8 @@ def _attention_packed_forward_fake(qkv, heads, cos, sin, q_norm_weight, k_norm_w
 def _attention_packed_backward(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, heads: int,
                                cos: Tensor | None, sin: Tensor | None,
                                q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
-                               scale: float, eps: float,
-                               interleaved: bool) -> tuple[Tensor, Tensor, Tensor]:
+                               scale: float, eps: float, interleaved: bool,
+                               autotune: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d qkv as one packed tensor, d q_norm_weight, d k_norm_weight)."""
     qkv = unit_last(qkv)
     b, n, c3 = qkv.shape
@@ -266,28 +273,29 @@ def _attention_packed_backward(qkv: Tensor, out: Tensor, lse: Tensor, dout: Tens
     dq, dk, dv = _unpack(dqkv, heads)
     rope = None if cos is None else (cos, sin)
     dqw, dkw = _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, q_norm_weight, k_norm_weight,
-                           scale, eps, interleaved)
+                           scale, eps, interleaved, autotune)
     return dqkv, _or_empty(dqw, q), _or_empty(dkw, q)
 
 
 def _attention_packed_backward_fake(qkv, out, lse, dout, heads, cos, sin, q_norm_weight,
-                                    k_norm_weight, scale, eps, interleaved):
+                                    k_norm_weight, scale, eps, interleaved, autotune):
     return (torch.empty_like(unit_last(qkv)), _weight_grad(q_norm_weight, qkv),
             _weight_grad(k_norm_weight, qkv))
 
 
 def _attention_packed_setup(ctx, inputs, output):
-    qkv, heads, cos, sin, qw, kw, scale, eps, interleaved = inputs
+    qkv, heads, cos, sin, qw, kw, scale, eps, interleaved, autotune = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, cos, sin, qw, kw)
-    ctx.heads, ctx.scale, ctx.eps, ctx.interleaved = heads, scale, eps, interleaved
+    ctx.heads, ctx.scale, ctx.eps = heads, scale, eps
+    ctx.interleaved, ctx.autotune = interleaved, autotune
 
 
 def _attention_packed_grads(ctx, backward, dout, _dlse):
     qkv, out, lse, cos, sin, qw, kw = ctx.saved_tensors
     dqkv, dqw, dkw = backward(qkv, out, lse, dout, ctx.heads, cos, sin, qw, kw, ctx.scale,
-                              ctx.eps, ctx.interleaved)
-    return dqkv, None, None, None, _or_none(dqw), _or_none(dkw), None, None, None
+                              ctx.eps, ctx.interleaved, ctx.autotune)
+    return dqkv, None, None, None, _or_none(dqw), _or_none(dkw), None, None, None, None
 
 
 ATTENTION_PACKED = KernelOp("flash_attention_packed", "attention",
@@ -415,7 +423,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                          rope_interleaved=rope_interleaved)
     cos, sin = (None, None) if rope is None else rope
     return ATTENTION(q, k, v, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                     rope_interleaved)[0]
+                     rope_interleaved, autotune_requested())[0]
 
 
 def attention_packed(qkv: torch.Tensor, heads: int, *,
@@ -442,7 +450,7 @@ def attention_packed(qkv: torch.Tensor, heads: int, *,
         return o.transpose(1, 2).reshape(b, n, c3 // 3)
     cos, sin = (None, None) if rope is None else rope
     return ATTENTION_PACKED(qkv, heads, cos, sin, q_norm_weight, k_norm_weight, scale, eps,
-                            rope_interleaved)[0]
+                            rope_interleaved, autotune_requested())[0]
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, *,

@@ -51,9 +51,9 @@ def _op_cases(device=None):
     s, w = t(2, 64, seed=9), t(64, seed=10)
     f32 = torch.float32
     return {
-        "attention, qk-norm + rope": (flash.ATTENTION, (q, k, v, cos, sin, qw, kw, 0.2, 1e-6, True)),
-        "attention, plain": (flash.ATTENTION, (q, k, v, None, None, None, None, 0.2, 1e-6, True)),
-        "attention packed": (flash.ATTENTION_PACKED, (qkv, 2, cos, sin, qw, kw, 0.2, 1e-6, False)),
+        "attention, qk-norm + rope": (flash.ATTENTION, (q, k, v, cos, sin, qw, kw, 0.2, 1e-6, True, False)),
+        "attention, plain": (flash.ATTENTION, (q, k, v, None, None, None, None, 0.2, 1e-6, True, False)),
+        "attention packed": (flash.ATTENTION_PACKED, (qkv, 2, cos, sin, qw, kw, 0.2, 1e-6, False, False)),
         "qk_norm_rope, q-norm only": (flash.PROLOGUE, (q, k, cos, sin, qw, None, 1e-6, True)),
         "modulated_rmsnorm": (adaln.MODNORM, (x, s, s, w, 1e-6, f32)),
         "gated residual": (adaln.RESIDUAL, (x, u, s, s, s, None, 1e-6, torch.float16)),
@@ -75,7 +75,7 @@ def test_backward_ops_pass_opcheck():
     cos, sin = _rope()
     q, k, v = (_t(1, 2, 17, 32, grad=False, seed=i) for i in range(3))
     qw = 1 + _t(32, grad=False, seed=4)
-    o, lse = flash.ATTENTION.forward(q, k, v, cos, sin, qw, None, 0.2, 1e-6, True)
+    o, lse = flash.ATTENTION.forward(q, k, v, cos, sin, qw, None, 0.2, 1e-6, True, False)
     do = _t(1, 2, 17, 32, grad=False, seed=11)
     x, s = _t(2, 5, 64, grad=False), _t(2, 64, grad=False)
     y, rstd = adaln.MODNORM.forward(x, s, s, None, 1e-6, torch.float32)
@@ -83,10 +83,10 @@ def test_backward_ops_pass_opcheck():
     # a packed qkv whose last axis is not the unit-stride one (the real op copies it first)
     qkv = _t(1, 32 * 3 * 2, 17, grad=False, seed=12).transpose(1, 2)
     po, plse = flash.ATTENTION_PACKED.forward(qkv.contiguous(), 2, cos, sin, qw, None, 0.2, 1e-6,
-                                              True)
+                                              True, False)
     cases = [
-        (flash.ATTENTION_PACKED, (qkv, po, plse, po, 2, cos, sin, qw, None, 0.2, 1e-6, True)),
-        (flash.ATTENTION, (q, k, v, o, lse, do, cos, sin, qw, None, 0.2, 1e-6, True)),
+        (flash.ATTENTION_PACKED, (qkv, po, plse, po, 2, cos, sin, qw, None, 0.2, 1e-6, True, False)),
+        (flash.ATTENTION, (q, k, v, o, lse, do, cos, sin, qw, None, 0.2, 1e-6, True, False)),
         (flash.PROLOGUE, (q, k, do, do, cos, sin, None, qw, 1e-6, True)),
         (adaln.MODNORM, (x, y, s, None, rstd)),
         (adaln.RESIDUAL, (h, y, None, x, s, s, None, rstd_h)),
@@ -153,6 +153,33 @@ def test_public_functions_call_the_launchers_without_operator_dispatch():
     assert log.names and not [n for n in log.names if n.startswith(_ops.NAMESPACE)], log.names
 
 
+def test_calls_without_gradients_record_nothing_and_fake_inputs_take_the_operators():
+    """Sampling (no_grad, or inputs that need no gradient) runs the forward launchers alone: no
+    autograd node, no operator. Fake tensors (make_fx, export, FakeTensorMode) go through the
+    operators' fake implementations instead of launching kernels on them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = (_t(1, 2, 17, 32, seed=i) for i in range(3))
+    with _OpLog() as log, torch.no_grad():
+        out = kernels.attention(q, k, v, backend="triton")
+    assert out.grad_fn is None and not [n for n in log.names if n.startswith(_ops.NAMESPACE)]
+    torch.testing.assert_close(out, kernels.attention(q, k, v, backend="triton").detach())
+    with _OpLog() as log:
+        out = kernels.attention(q.detach(), k.detach(), v.detach(), backend="triton")
+    assert out.grad_fn is None and not [n for n in log.names if n.startswith(_ops.NAMESPACE)]
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = kernels.attention(fq, fk, fv, backend="triton")
+    assert fake.shape == q.shape and fake.stride() == out.stride()
+
+
+def test_double_backward_is_an_error():
+    """Not a silent zero: a gradient penalty through the kernels would otherwise lose its term."""
+    q, k, v = (_t(1, 2, 17, 32, seed=i) for i in range(3))
+    out = kernels.attention(q, k, v, backend="triton").sum()
+    with pytest.raises(RuntimeError, match="no derivative of its own"):
+        torch.autograd.grad(out, q, create_graph=True)
+
+
 def test_eager_functions_launch_compiled_kernels_without_the_traceable_wrapper():
     """On a GPU the eager Function launches the kernel objects themselves; elsewhere launch()
     hands out wrap_triton's wrapper (what torch.compile traces)."""
@@ -188,31 +215,35 @@ def sm90_target(monkeypatch):
                         types.SimpleNamespace(get_current_target=lambda: target))
 
 
-def _traced_kernels(fn, *args) -> list[tuple[str, list[str]]]:
-    """(kernel name, arguments it writes) for each Triton kernel call in the functionalised trace
-    of fn(*args); fails on an opaque speedrun_kernels operator left in the graph."""
+def _traced_kernels(fn, *args) -> list[tuple[str, bool, list[str]]]:
+    """(kernel name, autotuned?, arguments it writes) for each Triton kernel call in the
+    functionalised trace of fn(*args); fails on an opaque speedrun_kernels operator left in the
+    graph."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
+    from triton.runtime.jit import JITFunction
     gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
     calls = []
     for node in gm.graph.nodes:
         assert _ops.NAMESPACE not in str(node.target), gm.code
         if node.op == "call_function" and "triton_kernel_wrapper" in str(node.target):
             kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-            jit = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
-            calls.append((jit.__name__, sorted(node.kwargs["tensors_to_clone"])))
+            jit = kernel
+            while not isinstance(jit, JITFunction):  # Autotuners wrap it (num_warps makes one)
+                jit = jit.fn
+            tuned = len(getattr(kernel, "configs", ())) > 1
+            calls.append((jit.fn.__name__, tuned, sorted(node.kwargs["tensors_to_clone"])))
     return calls
 
 
-@pytest.mark.parametrize("autotune", ["0", "1"])
-def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, monkeypatch, autotune):
+@pytest.mark.parametrize("autotune", [False, True])
+def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, autotune):
     """Under torch.compile on CUDA, inductor receives the kernels themselves (and launches them
     from its generated code). Traced with fake CUDA tensors: each forward and backward operator
     is one kernel call that writes only its outputs (so inductor copies no input), with the
     autotuned kernels and with the fixed tile configs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    monkeypatch.setenv("KERNELS_AUTOTUNE", autotune)
     with FakeTensorMode():
         def t(*shape, dtype=torch.bfloat16):
             return torch.empty(*shape, device="cuda", dtype=dtype)
@@ -222,33 +253,34 @@ def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, monkeypat
         cos, sin = t(257, 32, dtype=torch.float32), t(257, 32, dtype=torch.float32)
         x, dy = t(2, 257, 192), t(2, 257, 192)
         shift, scale, gate = (t(2, 192) for _ in range(3))
-        o, lse = flash.ATTENTION.inlined(q, k, v, cos, sin, qw, kw, 0.125, 1e-6, True)
-        po, plse = flash.ATTENTION_PACKED.inlined(qkv, 3, cos, sin, qw, kw, 0.125, 1e-6, True)
+        o, lse = flash.ATTENTION.inlined(q, k, v, cos, sin, qw, kw, 0.125, 1e-6, True, autotune)
+        po, plse = flash.ATTENTION_PACKED.inlined(qkv, 3, cos, sin, qw, kw, 0.125, 1e-6, True,
+                                                  autotune)
         _, rstd = adaln.MODNORM.inlined(x, shift, scale, None, 1e-6, torch.bfloat16)
         h, _, rstd_h = adaln.RESIDUAL.inlined(x, x, gate, shift, scale, None, 1e-6,
                                               torch.bfloat16)
-    f = dict(scale=0.125, eps=1e-6, interleaved=True)
+    f = dict(scale=0.125, eps=1e-6, interleaved=True, autotune=autotune)
     cases = [
         (lambda *a: flash.ATTENTION.inlined(*a, **f), (q, k, v, cos, sin, qw, kw),
-         [("attn_fwd", ["LSE", "O"])]),
+         [("attn_fwd", autotune, ["LSE", "O"])]),
         (lambda *a: flash.ATTENTION.inlined_backward(*a, **f), (q, k, v, o, lse, do, cos, sin, qw, kw),
-         [("attn_bwd", ["DK", "DQ", "DV", "DW"])]),
+         [("attn_bwd", autotune, ["DK", "DQ", "DV", "DW"])]),
         (lambda *a: flash.ATTENTION_PACKED.inlined(*a, **f), (qkv, 3, cos, sin, qw, kw),
-         [("attn_fwd", ["LSE", "O"])]),
+         [("attn_fwd", autotune, ["LSE", "O"])]),
         (lambda *a: flash.ATTENTION_PACKED.inlined_backward(*a, **f),
-         (qkv, po, plse, po, 3, cos, sin, qw, kw), [("attn_bwd", ["DK", "DQ", "DV", "DW"])]),
+         (qkv, po, plse, po, 3, cos, sin, qw, kw), [("attn_bwd", autotune, ["DK", "DQ", "DV", "DW"])]),
         (lambda *a: flash.PROLOGUE.inlined(*a, 1e-6, True), (q, k, cos, sin, qw, kw),
-         [("qk_prologue_fwd", ["KO", "QO"])]),
+         [("qk_prologue_fwd", False, ["KO", "QO"])]),
         (lambda *a: flash.PROLOGUE.inlined_backward(*a, 1e-6, True),
-         (q, k, do, do, cos, sin, qw, kw), [("qk_prologue_bwd", ["DK", "DKW", "DQ", "DQW"])]),
+         (q, k, do, do, cos, sin, qw, kw), [("qk_prologue_bwd", False, ["DK", "DKW", "DQ", "DQW"])]),
         (lambda *a: adaln.MODNORM.inlined(*a, 1e-6, torch.bfloat16), (x, shift, scale, None),
-         [("modnorm_fwd", ["RSTD", "Y"])]),  # H (no residual: x as a placeholder) is not written
+         [("modnorm_fwd", False, ["RSTD", "Y"])]),  # H (no residual: x as a placeholder) is not written
         (lambda *a: adaln.MODNORM.inlined_backward(*a), (x, dy, scale, None, rstd),
-         [("modnorm_bwd", ["DX", "PSCALE", "PSHIFT"])]),
+         [("modnorm_bwd", False, ["DX", "PSCALE", "PSHIFT"])]),
         (lambda *a: adaln.RESIDUAL.inlined(*a, 1e-6, torch.bfloat16), (x, x, gate, shift, scale, None),
-         [("modnorm_fwd", ["H", "RSTD", "Y"])]),
+         [("modnorm_fwd", False, ["H", "RSTD", "Y"])]),
         (lambda *a: adaln.RESIDUAL.inlined_backward(*a), (h, dy, None, x, gate, scale, None, rstd_h),
-         [("modnorm_bwd", ["DU", "DX", "PGATE", "PSCALE", "PSHIFT"])]),
+         [("modnorm_bwd", False, ["DU", "DX", "PGATE", "PSCALE", "PSHIFT"])]),
     ]
     for fn, args, want in cases:
         assert _traced_kernels(fn, *args) == want
@@ -256,18 +288,26 @@ def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, monkeypat
 
 def test_compile_caches_are_keyed_by_the_kernel_sources():
     """AOTAutograd keys its cache by the kernels an inlined operator launches; they are loaded at
-    run time, so kernels/_loader registers them (else an edited kernel could be served stale)."""
+    run time, so kernels/_loader registers them (else an edited kernel could be served stale),
+    also for an operator made after its kernel file was loaded."""
     from kernels import _loader
     from torch._library.triton import get_triton_kernels_for_op
     attention, norm = _loader.load("attention", interpret=False), _loader.load("norm", interpret=False)
+    late = _ops.KernelOp("test_made_after_loading", "norm", adaln._modnorm_forward,
+                         adaln._modnorm_forward_fake, adaln._modnorm_backward,
+                         adaln._modnorm_backward_fake, adaln._modnorm_setup, adaln._modnorm_grads)
     for op, mod, kernel in ((flash.ATTENTION, attention, "attn_bwd_tuned"),
                             (flash.PROLOGUE, attention, "qk_prologue_fwd"),
-                            (adaln.RESIDUAL, norm, "modnorm_bwd")):
+                            (adaln.RESIDUAL, norm, "modnorm_bwd"), (late, norm, "modnorm_fwd")):
         for name in (op.inlined._qualname, op.inlined_backward._qualname):
             assert any(k is getattr(mod, kernel) for k in get_triton_kernels_for_op(name)), name
 
 
-def test_public_functions_compile_without_graph_breaks():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_public_functions_compile_without_graph_breaks(compiler):
+    """fullgraph=True, the eager results and gradients; with inductor, its generated code (forward
+    and backward) launches our kernels itself on a GPU and calls the opaque operators on CPU."""
+    from torch._inductor.utils import run_and_get_code
     rope = _rope()
     leaves = [_t(1, 2, 17, 32, seed=i) for i in range(3)] + [1 + _t(32, seed=4).detach(),
                                                               1 + _t(32, seed=5).detach()]
@@ -284,9 +324,22 @@ def test_public_functions_compile_without_graph_breaks():
         return kernels.modulated_rmsnorm(y, s, s, backend="triton").square().sum() + h.sum()
 
     eager = f(*leaves)
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
+    compiled_f = torch.compile(f, backend=compiler, fullgraph=True)
+
+    def forward_backward():
+        out = compiled_f(*leaves)
+        return out, torch.autograd.grad(out, leaves)
+    if compiler == "inductor":
+        (compiled, grads), code = run_and_get_code(forward_backward)
+        code = "\n".join(code)
+        for name in ("attn_fwd", "attn_bwd", "qk_prologue_fwd", "qk_prologue_bwd", "modnorm_fwd",
+                     "modnorm_bwd"):
+            assert (name in code) == (DEVICE.type == "cuda"), name
+        assert ("speedrun_kernels" in code) == (DEVICE.type == "cpu")
+    else:
+        compiled, grads = forward_backward()
     torch.testing.assert_close(compiled, eager)
-    for a, b in zip(torch.autograd.grad(compiled, leaves), torch.autograd.grad(eager, leaves)):
+    for a, b in zip(grads, torch.autograd.grad(eager, leaves)):
         torch.testing.assert_close(a, b)
 
 
