@@ -102,6 +102,10 @@ class Config:
     compile: bool = flag(False, "torch.compile the model and the REPA/REG teacher (on a GPU the fastest setting: "
                                 "1.9-2.7x the public SR-DiT step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of "
                                 "compilation first)")
+    compile_mode: str = flag("default", "with --compile true: default | reduce-overhead (CUDA graphs around the "
+                                        "compiled forward and backward: no per-kernel launches from the host; one "
+                                        "process, --grad_accum 1; not yet timed, benchmarks/RESULTS_GPU.md) | "
+                                        "max-autotune-no-cudagraphs | max-autotune (both: longer compilation)")
     deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
     kernels: str = flag("auto", "triton (kernels/: one fused QK-norm + RoPE pass before SDPA, and with --norm "
@@ -184,10 +188,24 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def uses_cuda_graphs(cfg: Config) -> bool:
+    """torch.compile's reduce-overhead and max-autotune modes replay the compiled graphs as CUDA
+    graphs (on CUDA devices; elsewhere they compile as the default mode)."""
+    return cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def validate_config(cfg: Config) -> None:
     """Values no run can use: refused before anything is set up (a zero period would divide by zero
     after the first step; a clip of 0 would freeze the weights, a negative one flip the gradients)."""
     parse_model_name(cfg.model)
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, not {cfg.compile_mode!r}")
+    if uses_cuda_graphs(cfg) and cfg.grad_accum > 1:
+        raise ConfigError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) needs --grad_accum 1: a graph replayed "
+                          "for the next micro-batch would overwrite the gradients being accumulated")
     for name in ("log_every", "ckpt_every", "keep_checkpoints", "grad_accum", "iterations", "global_batch"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -209,7 +227,7 @@ def validate_config(cfg: Config) -> None:
 # Settings a resumed run may change: where and how it runs and what it reports, not what it trains
 # (grad_accum: a run resumed on fewer processes needs more accumulation for the same global batch).
 RESUME_MAY_CHANGE = frozenset({
-    "data_dir", "encoder_weights", "grad_accum", "compile", "deterministic", "kernels", "run_name",
+    "data_dir", "encoder_weights", "grad_accum", "compile", "compile_mode", "deterministic", "kernels", "run_name",
     "runs_dir", "records_dir", "leaderboard", "log_every", "ckpt_every", "keep_checkpoints", "resume",
     "description", "contributors", "write_record", "wandb"})
 
@@ -1056,9 +1074,11 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def compile_for_training(cfg: Config, module: nn.Module) -> nn.Module:
-    """torch.compile'd with --compile true: the SiT and the REPA/REG teacher (whose eager
-    forward would otherwise launch a few hundred kernels per step), else as is."""
-    return torch.compile(module) if cfg.compile else module
+    """torch.compile'd with --compile true (in --compile_mode): the SiT and the REPA/REG teacher
+    (whose eager forward would otherwise launch a few hundred kernels per step), else as is."""
+    if not cfg.compile:
+        return module
+    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
 def make_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -1106,6 +1126,8 @@ class Stepper:
         from preprocessing.loader import global_indices
         cfg, accelerator, loader, model = self.cfg, self.accelerator, self.loader, self.model
         micro_batch = cfg.global_batch // (accelerator.num_processes * cfg.grad_accum)
+        if uses_cuda_graphs(cfg):  # a new iteration: last step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         batch = next(loader)  # this rank's contiguous slice of the global batch of `step`
         assert batch.step == step, (batch.step, step)
         noise = self.noise_for(step)
@@ -1173,6 +1195,9 @@ def train(cfg: Config) -> dict:
     def unwrap(module: nn.Module) -> nn.Module:
         return unwrap_model(accelerator, module)
     world = accelerator.num_processes
+    if uses_cuda_graphs(cfg) and world > 1:
+        raise ConfigError(f"--compile_mode {cfg.compile_mode} (CUDA graphs) is supported on one process only "
+                          f"(not tried with DDP); this run has {world}")
     if cfg.global_batch % (world * cfg.grad_accum):
         raise ConfigError(f"global batch {cfg.global_batch} is not divisible by {world} processes x "
                           f"{cfg.grad_accum} accumulation steps")

@@ -91,17 +91,22 @@ class SRDiTStep:
     def __init__(self, variant: str, batch: int, device: torch.device, dataset: ShardDataset,
                  model: str = "", seed: int = 0):
         """variant: 'torch' or 'triton' (--kernels), optionally '+compile' (--compile true),
-        '+nondeterministic' (--deterministic false) and, with triton, '+flash' (the Triton
-        flash-attention kernel instead of the QK-norm/RoPE kernel feeding SDPA)."""
+        '+cudagraphs' (with +compile: --compile_mode reduce-overhead), '+nondeterministic'
+        (--deterministic false) and, with triton, '+flash' (the Triton flash-attention kernel
+        instead of the QK-norm/RoPE kernel feeding SDPA)."""
         kernels, *extras = variant.split("+")
-        unknown = set(extras) - {"compile", "nondeterministic", "flash"}
+        unknown = set(extras) - {"compile", "cudagraphs", "nondeterministic", "flash"}
         if unknown:
             raise ValueError(f"unknown variant parts {sorted(unknown)} in {variant!r}")
         compile = "compile" in extras
+        if "cudagraphs" in extras and not compile:
+            raise ValueError(f"+cudagraphs needs +compile in {variant!r}")
+        mode = "reduce-overhead" if "cudagraphs" in extras else "default"
         self.variant, self.device, self.next_step = variant, device, 0
         # one process holds the batch a rank of the track's run holds (its global batch / 8)
         cfg = train.parse_config(
-            ["--track", TRACK, "--kernels", kernels, "--compile", str(compile), "--seed", str(seed),
+            ["--track", TRACK, "--kernels", kernels, "--compile", str(compile), "--compile_mode", mode,
+             "--seed", str(seed),
              "--deterministic", str("nondeterministic" not in extras), "--global_batch", str(batch)]
             + (["--model", model] if model else []))
         track = train.load_track(TRACK)
@@ -208,8 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--variants", default="torch,triton",
-                   help="comma-separated: torch | triton, each optionally +compile, +nondeterministic, +flash; "
-                        "the first is the reference of the loss column")
+                   help="comma-separated: torch | triton, each optionally +compile (+cudagraphs), "
+                        "+nondeterministic, +flash; the first is the reference of the loss column")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="after timing, profile this many steps of each variant: device busy time and "
                         "kernel launches per step; the top-kernel tables go to --out_dir/profiles.txt")

@@ -7,13 +7,13 @@
 # Parts: kernels_tests, step (eager training step, kernels off/on, deterministic or not, profiled;
 # the public SR-DiT code when --public names its timing script), kernels_bench, host_overhead (what
 # launching the kernels from Python costs), extraction, step_compile (the torch.compile'd step),
-# encode. Each part has its own time limit and writes its log to out_dir as it runs, so a part
+# step_cudagraphs (compiled, replayed as CUDA graphs), encode. Each part has its own time limit and writes its log to out_dir as it runs, so a part
 # that breaks or overruns costs only itself. The tables land
 # in out_dir/*.log; benchmarks/RESULTS_GPU.md holds the measured ones with the device named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-gpu_results}"; shift || true
-PUBLIC=() PARTS="kernels_tests step kernels_bench host_overhead extraction step_compile encode"
+PUBLIC=() PARTS="kernels_tests step kernels_bench host_overhead extraction step_compile step_cudagraphs encode"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --public) PUBLIC=(--public "$2"); shift 2 ;;
@@ -64,5 +64,8 @@ part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extract
 # 5. the torch.compile'd step: torch path, and the kernels inlined into inductor's graph
 part step_compile 200 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
   --variants torch+compile,triton+compile,triton+flash+compile
+# 5b. the same with CUDA graphs (--compile_mode reduce-overhead): no host launches per kernel
+part step_cudagraphs 240 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
+  --variants torch+compile,torch+compile+cudagraphs,triton+flash+compile+cudagraphs
 # 6. INVAE encode for preprocessing
 part encode 40 "$PY" benchmarks/bench_encode.py --images 1024 --batch 64

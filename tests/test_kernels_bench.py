@@ -77,6 +77,14 @@ def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatc
     assert json.loads(out.read_text())["flops_per_step"] > 0
 
 
+def test_training_step_variants_are_checked_before_anything_is_built():
+    mod = load_benchmark("bench_gpu_step")
+    with pytest.raises(ValueError, match=r"\+cudagraphs needs \+compile"):
+        mod.SRDiTStep("torch+cudagraphs", 2, torch.device("cpu"), None)
+    with pytest.raises(ValueError, match="unknown variant parts"):
+        mod.SRDiTStep("torch+graphs", 2, torch.device("cpu"), None)
+
+
 def test_host_overhead_benchmark_times_every_call_path(monkeypatch, capsys):
     """benchmarks/bench_host_overhead.py: SDPA, kernels.attention's eager autograd.Function and
     the same launchers through the opaque custom operators, forward and forward+backward (CPU:

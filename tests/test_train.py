@@ -483,19 +483,40 @@ def test_cli_reports_bad_resume_files_and_flags_without_a_traceback(tmp_path, ru
     assert "cut.safetensors is corrupt or truncated" in capsys.readouterr().err
     assert train.main(run_args + ["--run_name", "b", "--model", "SiT-Q/2"]) == 1
     assert "unknown model 'SiT-Q/2'" in capsys.readouterr().err
+    assert train.main(run_args + ["--run_name", "d", "--compile_mode", "fast"]) == 1
+    assert "--compile_mode must be one of default, reduce-overhead" in capsys.readouterr().err
+    assert train.main(run_args + ["--run_name", "e", "--compile", "true", "--compile_mode",
+                                  "reduce-overhead", "--grad_accum", "2"]) == 1
+    assert "(CUDA graphs) needs --grad_accum 1" in capsys.readouterr().err
+    # without --compile the mode changes nothing, so it is no reason to refuse accumulation
+    assert not train.uses_cuda_graphs(train.parse_config(
+        run_args + ["--compile_mode", "max-autotune", "--grad_accum", "2"]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("components", ["plain", "all"])
-def test_compiled_training_matches_eager_and_resumes(tmp_path, run_args, components):
+def test_compiled_training_matches_eager_and_resumes(tmp_path, run_args, components, monkeypatch):
     """--compile true (torch.compile with inductor, the fastest setting on GPUs) runs train()'s
     whole loop, every SR-DiT component included: the weights match the eager run's to rounding,
     checkpoints hold the plain module's names (no torch.compile prefixes), and a compiled run
-    resumes from a checkpoint."""
+    resumes from a checkpoint. With every component, --compile_mode reduce-overhead (CUDA graphs
+    on a GPU, the default compilation here) marks each step's start for the graph replays."""
     from test_components import ALL_FLAGS
     base = run_args + ["--write_record", "false"] + (ALL_FLAGS if components == "all" else [])
+    if components == "all":
+        base += ["--compile_mode", "reduce-overhead"]
+    compile_modes, step_marks = [], []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda m, mode=None: compile_modes.append(mode) or real_compile(m, mode=mode))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
     eager = train.train(train.parse_config(base + ["--run_name", "eager"]))
+    assert compile_modes == [] and step_marks == []  # without --compile the mode does nothing
     compiled = train.train(train.parse_config(base + ["--run_name", "compiled", "--compile", "true"]))
+    iterations = train.load_track(run_args[1])["budget"]["iterations"]
+    want = "reduce-overhead" if components == "all" else None
+    assert compile_modes and set(compile_modes) == {want}
+    assert len(step_marks) == (iterations if components == "all" else 0)
     a, b = _final_tensors(Path(eager["run_dir"])), _final_tensors(Path(compiled["run_dir"]))
     assert a.keys() == b.keys()
     for key in a:
