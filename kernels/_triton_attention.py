@@ -297,9 +297,14 @@ def attn_fwd(Q, K, V, O, LSE, COS, SIN, QW, KW,
 # Backward: one launch. Programs [0, cdiv(N, BLOCK_N1)) each own BLOCK_N1 keys and accumulate
 # dK, dV over the queries (BLOCK_M1 per step); the programs after them each own BLOCK_M2 queries
 # and accumulate dQ over the keys (BLOCK_N2 per step). P is recomputed from the saved LSE,
-# delta = rowsum(dO * O) from the O and dO tiles at hand (no separate pass), and the prologue
-# from the raw q/k, whose chain rule runs in each program's epilogue. Ragged ends are handled in
-# TAIL-sized steps as in the forward. No atomics: the result does not depend on scheduling.
+# delta = rowsum(dO * O) from the O and dO tiles at hand (no separate pass). Q and K hold
+# P(q), P(k): with a prologue the host recomputes them first with the stand-alone prologue
+# kernel below, so the loops are those of plain attention; the prologue's chain rule runs in
+# each program's epilogue on its own rows, from the raw QX/KX. (Recomputing the prologue inside
+# the loops, for every tile pair, took 252-255 registers per thread at every tile config for
+# sm_90, with spills at six of nine; now 157-255, one spilling: kernels/README.md.) Ragged ends
+# are handled in TAIL-sized steps as in the forward. No atomics: the result does not depend on
+# scheduling.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM: tl.constexpr,
@@ -315,28 +320,28 @@ def _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM: tl.c
 
 
 @triton.jit
-def _load_raw_and_prologue(X, W_1, W_2, COS, SIN, offs, ok, stride_xn, stride_cn, eps,
-                           HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
-                           HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-                           INTERLEAVED: tl.constexpr):
-    """The raw tile, its RoPE rows and P(tile) in the storage dtype: what a backward program
-    keeps for its own rows (the epilogue's chain rule needs the raw values)."""
-    x = _load_tile(X, offs, ok, stride_xn, HEAD_DIM, MASKED)
-    c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
-    p = _prologue_tile(x, W_1, W_2, c, s, eps, HAS_NORM, HAS_ROPE, ROWS, HEAD_DIM,
-                       INTERLEAVED).to(X.dtype.element_ty)
-    return x, c, s, p
+def _prologue_grad_rows(g, X, W_1, W_2, COS, SIN, offs, ok, stride_xn, stride_cn, eps,
+                        HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
+                        HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                        INTERLEAVED: tl.constexpr):
+    """dL/dx of some rows of the raw q or k from g = dL/dP(x) (fp32), and their dL/dw halves:
+    the epilogue of a backward program (the raw rows and RoPE rows are loaded only here)."""
+    if HAS_NORM or HAS_ROPE:
+        x = _load_tile(X, offs, ok, stride_xn, HEAD_DIM, MASKED)
+        c, s = _load_rot(COS, SIN, offs, ok, stride_cn, HEAD_DIM // 2, HAS_ROPE)
+    else:
+        x, c, s = g, 1.0, 0.0  # unused: no prologue
+    return _prologue_tile_grad(g, x, W_1, W_2, c, s, eps, HAS_NORM, HAS_ROPE, ROWS, HEAD_DIM,
+                               INTERLEAVED)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N, stride_qn,
-               stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr,
-               ROWS: tl.constexpr, MASKED: tl.constexpr, HAS_QNORM: tl.constexpr,
-               HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, start_m, N, stride_qn, stride_on, stride_don,
+               qk_scale, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, ROWS)
     m_ok = offs_m < N
-    q = _load_qk_tile(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn, stride_cn, eps, HEAD_DIM,
-                      ROWS, MASKED, HAS_QNORM, HAS_ROPE, INTERLEAVED)
+    q = _load_tile(Q, offs_m, m_ok, stride_qn, HEAD_DIM, MASKED)
     do, lse, delta = _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM,
                                   MASKED)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
@@ -351,46 +356,40 @@ def _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N, stri
 
 
 @triton.jit
-def _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_n, N,
-               stride_qn, stride_kn, stride_vn, stride_on, stride_don, stride_dkn, stride_dvn,
+def _dkdv_rows(Q, K, KX, V, O, DO, DK, DV, LSE, COS, SIN, kw1, kw2, start_n, N, stride_qn,
+               stride_kn, stride_kxn, stride_vn, stride_on, stride_don, stride_dkn, stride_dvn,
                stride_cn, qk_scale, sm_scale, eps, HEAD_DIM: tl.constexpr, COLS: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
-               HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
-               INTERLEAVED: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASK_N: tl.constexpr, HAS_KNORM: tl.constexpr,
+               HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
     """dK, dV of COLS keys from start_n; returns this tile's dL/d k_norm_weight halves."""
     offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
-    kx, kc, ks, k = _load_raw_and_prologue(K, kw1, kw2, COS, SIN, offs_n, n_ok, stride_kn,
-                                           stride_cn, eps, HEAD_DIM, COLS, MASK_N, HAS_KNORM,
-                                           HAS_ROPE, INTERLEAVED)
+    k = _load_tile(K, offs_n, n_ok, stride_kn, HEAD_DIM, MASK_N)
     v = _load_tile(V, offs_n, n_ok, stride_vn, HEAD_DIM, MASK_N)
     dk = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
     dv = tl.full([COLS, HEAD_DIM], 0.0, dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N,
-                            stride_qn, stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM,
-                            BLOCK_M, False, HAS_QNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, start_m, N, stride_qn, stride_on,
+                            stride_don, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PREC)
     for start_m in range(m_full, N, TAIL):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, COS, SIN, qw1, qw2, start_m, N,
-                            stride_qn, stride_on, stride_don, stride_cn, qk_scale, eps, HEAD_DIM,
-                            TAIL, True, HAS_QNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, O, DO, LSE, start_m, N, stride_qn, stride_on,
+                            stride_don, qk_scale, HEAD_DIM, TAIL, True, DOT_PREC)
     _store_tile(DV, offs_n, n_ok, stride_dvn, dv, HEAD_DIM, MASK_N)
-    dk, dw1, dw2 = _prologue_tile_grad(dk * sm_scale, kx, kw1, kw2, kc, ks, eps, HAS_KNORM,
-                                       HAS_ROPE, COLS, HEAD_DIM, INTERLEAVED)
+    dk, dw1, dw2 = _prologue_grad_rows(dk * sm_scale, KX, kw1, kw2, COS, SIN, offs_n, n_ok,
+                                       stride_kxn, stride_cn, eps, HEAD_DIM, COLS, MASK_N,
+                                       HAS_KNORM, HAS_ROPE, INTERLEAVED)
     _store_tile(DK, offs_n, n_ok, stride_dkn, dk, HEAD_DIM, MASK_N)
     return dw1, dw2
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn, stride_vn,
-             stride_cn, qk_scale, eps, HEAD_DIM: tl.constexpr, COLS: tl.constexpr,
-             MASKED: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-             DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _dq_step(dq, q, do, lse, delta, K, V, start_n, N, stride_kn, stride_vn, qk_scale,
+             HEAD_DIM: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr,
+             DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, COLS)
     n_ok = offs_n < N
-    k = _load_qk_tile(K, kw1, kw2, COS, SIN, offs_n, n_ok, stride_kn, stride_cn, eps, HEAD_DIM,
-                      COLS, MASKED, HAS_KNORM, HAS_ROPE, INTERLEAVED)
+    k = _load_tile(K, offs_n, n_ok, stride_kn, HEAD_DIM, MASKED)
     v = _load_tile(V, offs_n, n_ok, stride_vn, HEAD_DIM, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.exp2(s - lse[:, None])
@@ -403,38 +402,36 @@ def _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride
 
 
 @triton.jit
-def _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N, stride_qn,
+def _dq_rows(Q, QX, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, start_m, N, stride_qn, stride_qxn,
              stride_kn, stride_vn, stride_on, stride_don, stride_dqn, stride_cn, qk_scale,
              sm_scale, eps, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASK_M: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr,
-             HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+             MASK_M: tl.constexpr, HAS_QNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+             DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
     """dQ of ROWS queries from start_m; returns this tile's dL/d q_norm_weight halves."""
     offs_m = start_m + tl.arange(0, ROWS)
     m_ok = offs_m < N
-    qx, qc, qs, q = _load_raw_and_prologue(Q, qw1, qw2, COS, SIN, offs_m, m_ok, stride_qn,
-                                           stride_cn, eps, HEAD_DIM, ROWS, MASK_M, HAS_QNORM,
-                                           HAS_ROPE, INTERLEAVED)
+    q = _load_tile(Q, offs_m, m_ok, stride_qn, HEAD_DIM, MASK_M)
     do, lse, delta = _query_stats(O, DO, LSE, offs_m, m_ok, stride_on, stride_don, HEAD_DIM,
                                   MASK_M)
     dq = tl.full([ROWS, HEAD_DIM], 0.0, dtype=tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn,
-                      stride_vn, stride_cn, qk_scale, eps, HEAD_DIM, BLOCK_N, False, HAS_KNORM,
-                      HAS_ROPE, DOT_PREC, INTERLEAVED)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, start_n, N, stride_kn, stride_vn, qk_scale,
+                      HEAD_DIM, BLOCK_N, False, DOT_PREC)
     for start_n in range(n_full, N, TAIL):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, COS, SIN, kw1, kw2, start_n, N, stride_kn,
-                      stride_vn, stride_cn, qk_scale, eps, HEAD_DIM, TAIL, True, HAS_KNORM,
-                      HAS_ROPE, DOT_PREC, INTERLEAVED)
-    dq, dw1, dw2 = _prologue_tile_grad(dq * sm_scale, qx, qw1, qw2, qc, qs, eps, HAS_QNORM,
-                                       HAS_ROPE, ROWS, HEAD_DIM, INTERLEAVED)
+        dq = _dq_step(dq, q, do, lse, delta, K, V, start_n, N, stride_kn, stride_vn, qk_scale,
+                      HEAD_DIM, TAIL, True, DOT_PREC)
+    dq, dw1, dw2 = _prologue_grad_rows(dq * sm_scale, QX, qw1, qw2, COS, SIN, offs_m, m_ok,
+                                       stride_qxn, stride_cn, eps, HEAD_DIM, ROWS, MASK_M,
+                                       HAS_QNORM, HAS_ROPE, INTERLEAVED)
     _store_tile(DQ, offs_m, m_ok, stride_dqn, dq, HEAD_DIM, MASK_M)
     return dw1, dw2
 
 
 @triton.jit
-def attn_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
+def attn_bwd(Q, K, QX, KX, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+             stride_qxb, stride_qxh, stride_qxn, stride_kxb, stride_kxh, stride_kxn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
              stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
              stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -443,7 +440,8 @@ def attn_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
              BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HAS_QNORM: tl.constexpr,
              HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
              INTERLEAVED: tl.constexpr):
-    """DW: [B * H, 2, DW_ROWS, D] fp32 partial sums of the norm weights' gradients (k at 0, q at
+    """Q, K: P(q), P(k) (the raw q, k themselves without a prologue); QX, KX: the raw q, k.
+    DW: [B * H, 2, DW_ROWS, D] fp32 partial sums of the norm weights' gradients (k at 0, q at
     1), one row per program, zeroed by the host (a config with fewer programs leaves rows 0)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0)
@@ -458,50 +456,52 @@ def attn_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
     LSE += tl.cast(bh, tl.int64) * N
     COS += b * stride_cb
     SIN += b * stride_cb
-    qw1, qw2 = _load_weight(QW, HALF, HAS_QNORM, INTERLEAVED)
-    kw1, kw2 = _load_weight(KW, HALF, HAS_KNORM, INTERLEAVED)
     n_kv = (N + BLOCK_N1 - 1) // BLOCK_N1
     if pid < n_kv:
+        KX += b * stride_kxb + h * stride_kxh
         DK += b * stride_dkb + h * stride_dkh
         DV += b * stride_dvb + h * stride_dvh
+        kw1, kw2 = _load_weight(KW, HALF, HAS_KNORM, INTERLEAVED)
         start_n = pid * BLOCK_N1
         if start_n + BLOCK_N1 <= N:
-            dw1, dw2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2,
-                                  start_n, N, stride_qn, stride_kn, stride_vn, stride_on,
+            dw1, dw2 = _dkdv_rows(Q, K, KX, V, O, DO, DK, DV, LSE, COS, SIN, kw1, kw2, start_n, N,
+                                  stride_qn, stride_kn, stride_kxn, stride_vn, stride_on,
                                   stride_don, stride_dkn, stride_dvn, stride_cn, qk_scale,
-                                  sm_scale, eps, HEAD_DIM, BLOCK_N1, BLOCK_M1, False, HAS_QNORM,
-                                  HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+                                  sm_scale, eps, HEAD_DIM, BLOCK_N1, BLOCK_M1, False, HAS_KNORM,
+                                  HAS_ROPE, DOT_PREC, INTERLEAVED)
         else:
             dw1 = tl.full([HALF], 0.0, dtype=tl.float32)
             dw2 = tl.full([HALF], 0.0, dtype=tl.float32)
             for start in range(start_n, N, TAIL):
-                t1, t2 = _dkdv_rows(Q, K, V, O, DO, DK, DV, LSE, COS, SIN, qw1, qw2, kw1, kw2,
-                                    start, N, stride_qn, stride_kn, stride_vn, stride_on,
+                t1, t2 = _dkdv_rows(Q, K, KX, V, O, DO, DK, DV, LSE, COS, SIN, kw1, kw2, start,
+                                    N, stride_qn, stride_kn, stride_kxn, stride_vn, stride_on,
                                     stride_don, stride_dkn, stride_dvn, stride_cn, qk_scale,
-                                    sm_scale, eps, HEAD_DIM, TAIL, BLOCK_M1, True, HAS_QNORM,
-                                    HAS_KNORM, HAS_ROPE, DOT_PREC, INTERLEAVED)
+                                    sm_scale, eps, HEAD_DIM, TAIL, BLOCK_M1, True, HAS_KNORM,
+                                    HAS_ROPE, DOT_PREC, INTERLEAVED)
                 dw1 += t1
                 dw2 += t2
         if HAS_KNORM:
             _store_weight_grad(DW, (bh * 2) * DW_ROWS + pid, dw1, dw2, HEAD_DIM, INTERLEAVED)
     else:
+        QX += b * stride_qxb + h * stride_qxh
         DQ += b * stride_dqb + h * stride_dqh
+        qw1, qw2 = _load_weight(QW, HALF, HAS_QNORM, INTERLEAVED)
         pid_m = pid - n_kv
         start_m = pid_m * BLOCK_M2
         if start_m + BLOCK_M2 <= N:
-            dw1, dw2 = _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start_m, N,
-                                stride_qn, stride_kn, stride_vn, stride_on, stride_don,
-                                stride_dqn, stride_cn, qk_scale, sm_scale, eps, HEAD_DIM,
-                                BLOCK_M2, BLOCK_N2, False, HAS_QNORM, HAS_KNORM, HAS_ROPE,
+            dw1, dw2 = _dq_rows(Q, QX, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, start_m, N,
+                                stride_qn, stride_qxn, stride_kn, stride_vn, stride_on,
+                                stride_don, stride_dqn, stride_cn, qk_scale, sm_scale, eps,
+                                HEAD_DIM, BLOCK_M2, BLOCK_N2, False, HAS_QNORM, HAS_ROPE,
                                 DOT_PREC, INTERLEAVED)
         else:
             dw1 = tl.full([HALF], 0.0, dtype=tl.float32)
             dw2 = tl.full([HALF], 0.0, dtype=tl.float32)
             for start in range(start_m, N, TAIL):
-                t1, t2 = _dq_rows(Q, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, kw1, kw2, start,
-                                  N, stride_qn, stride_kn, stride_vn, stride_on, stride_don,
-                                  stride_dqn, stride_cn, qk_scale, sm_scale, eps, HEAD_DIM, TAIL,
-                                  BLOCK_N2, True, HAS_QNORM, HAS_KNORM, HAS_ROPE, DOT_PREC,
+                t1, t2 = _dq_rows(Q, QX, K, V, O, DO, DQ, LSE, COS, SIN, qw1, qw2, start, N,
+                                  stride_qn, stride_qxn, stride_kn, stride_vn, stride_on,
+                                  stride_don, stride_dqn, stride_cn, qk_scale, sm_scale, eps,
+                                  HEAD_DIM, TAIL, BLOCK_N2, True, HAS_QNORM, HAS_ROPE, DOT_PREC,
                                   INTERLEAVED)
                 dw1 += t1
                 dw2 += t2

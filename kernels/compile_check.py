@@ -2,20 +2,31 @@
 
     python -m kernels.compile_check                        # sm_90 (H100), representative cases
     python -m kernels.compile_check --arch 80 --level all  # sm_80, every dtype x head_dim x flags
+    python -m kernels.compile_check --level configs --registers
+                        # every autotuner config of the attention kernels at SiT-B/1's variant
+                        # (bf16, D=64, with and without QK-norm + RoPE): registers and spills
 
 The interpreter (the CPU tests) is more permissive than the GPU compiler: it accepts non-constexpr
 globals, tl.dot with K < 16, and never checks shared memory. This runs the real front end and
 backend (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas shipped in the triton wheel) on
-CPU, so such errors show up on machines without a GPU. It does not check numerics or speed.
+CPU, so such errors show up on machines without a GPU. It does not check numerics or speed;
+--registers adds what ptxas reports per kernel (registers per thread, bytes spilled to local
+memory), a static sign of how a config will run: 255 registers with spills means few resident
+programs per SM and slow local-memory traffic.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
-POINTERS_ATTN_DATA = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "QO", "KO", "DQO", "DKO")
+POINTERS_ATTN_DATA = ("Q", "K", "QX", "KX", "V", "O", "DO", "DQ", "DK", "DV", "QO", "KO", "DQO",
+                      "DKO")
 POINTERS_FP32 = ("LSE", "COS", "SIN", "QW", "KW", "DW", "DKW", "DQW", "RSTD", "PSHIFT",
                  "PSCALE", "PW", "PGATE")
 FLOATS = ("qk_scale", "eps", "sm_scale")
@@ -62,6 +73,38 @@ def _compile(fn, sig, consts, arch: int, num_warps: int, num_stages: int):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _ptxas_info(kernel, arch: int) -> str:
+    """'regs R spill S B' from ptxas -v on the kernel's PTX (the ptxas shipped with triton)."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o",
+                              os.devnull], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} B"
+
+
+def config_cases(mod):
+    """Every autotuner config of attn_fwd and attn_bwd (FWD_CONFIGS, BWD_CONFIGS of the kernel
+    file) for bf16, D=64, with QK-norm + interleaved RoPE and without any prologue."""
+    for prologue in (True, False):
+        flags = dict(HEAD_DIM=64, HAS_QNORM=prologue, HAS_KNORM=prologue, HAS_ROPE=prologue,
+                     DOT_PREC="tf32", INTERLEAVED=prologue)
+        for *blocks, warps, stages in mod.FWD_CONFIGS:
+            label = f"bf16 D=64 prologue={int(prologue)} {tuple(blocks)} w{warps} s{stages}"
+            yield label, "attn_fwd", "bf16", dict(flags, **dict(zip(mod.FWD_BLOCKS, blocks))), (
+                warps, stages)
+        for *blocks, warps, stages in mod.BWD_CONFIGS:
+            label = f"bf16 D=64 prologue={int(prologue)} {tuple(blocks)} w{warps} s{stages}"
+            yield label, "attn_bwd", "bf16", dict(flags, **dict(zip(mod.BWD_BLOCKS, blocks))), (
+                warps, stages)
+
+
 def cases(level: str):
     """(label, kernel name, data pointer type, constexprs, launch options) for a level:
     'smoke' (SiT-B/1 training: bf16, D=64, QK-norm + interleaved RoPE, and the norms),
@@ -96,15 +139,19 @@ def cases(level: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="compile the kernels for a GPU arch on CPU")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
-    p.add_argument("--level", choices=["smoke", "default", "all"], default="default",
-                   help="smoke: what SiT-B/1 training uses; all: every dtype x head_dim x flags")
+    p.add_argument("--level", choices=["smoke", "default", "all", "configs"], default="default",
+                   help="smoke: what SiT-B/1 training uses; all: every dtype x head_dim x flags; "
+                        "configs: every autotuner config of the attention kernels")
+    p.add_argument("--registers", action="store_true",
+                   help="also report registers per thread and spilled bytes (ptxas -v)")
     args = p.parse_args(argv)
     from . import _loader
 
     mods = {"attention": _loader.load("attention", interpret=False),
             "norm": _loader.load("norm", interpret=False)}
     failures = 0
-    for label, name, dt, consts, (warps, stages) in cases(args.level):
+    todo = config_cases(mods["attention"]) if args.level == "configs" else cases(args.level)
+    for label, name, dt, consts, (warps, stages) in todo:
         mod = mods["norm" if name.startswith("modnorm") else "attention"]
         fn = getattr(mod, name)
         overrides = None
@@ -115,7 +162,8 @@ def main(argv=None) -> int:
         try:
             k = _compile(fn, _signature(fn, f"*{dt}", consts, overrides), consts, args.arch,
                          warps, stages)
-            print(f"ok    {name:15s} {label:48s} smem {k.metadata.shared:6d} B  "
+            regs = f"  {_ptxas_info(k, args.arch)}" if args.registers else ""
+            print(f"ok    {name:15s} {label:48s} smem {k.metadata.shared:6d} B{regs}  "
                   f"{time.perf_counter() - t0:5.1f} s", flush=True)
         except Exception as e:
             failures += 1

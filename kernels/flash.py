@@ -91,12 +91,18 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     One launch: the dK/dV programs and the dQ programs share the grid, without atomics, so the
     gradients do not depend on scheduling. (Adding dq with fp32 atomics from the dK/dV programs,
     five matmuls per tile pair instead of seven, was 1.6x slower at SiT-B/1 shapes on an H200:
-    benchmarks/RESULTS_GPU.md.)"""
+    benchmarks/RESULTS_GPU.md.) With a prologue, P(q) and P(k) are recomputed first into
+    temporary buffers, so the kernel's loops are plain attention's and only its epilogue applies
+    the prologue's chain rule (see the backward section of kernels/_triton_attention.py)."""
     b, h, n, d = q.shape
     dev = q.device
     mod = _kernels(dev)
     cos, sin, scb, scn = _rope_args(rope, q)
     flags = _flags(q, rope, qw, kw, interleaved)
+    pq, pk = q, k
+    if rope is not None or qw is not None or kw is not None:
+        pq, pk = _bhnd_buffer(q), _bhnd_buffer(k)
+        _launch_prologue_fwd(q, k, pq, pk, rope, qw, kw, eps, interleaved)
     # per-program partial sums of the norm weights' gradients, [B * H, (k, q), rows, D]; rows
     # sized for the smallest tile and zeroed (also between autotuning runs) so rows a config does
     # not write add nothing. Without a norm, a 1-element placeholder (autotuning zeroes it).
@@ -107,9 +113,9 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     has_norm = qw is not None or kw is not None
     dw_part = torch.zeros((b * h, 2, rows, d) if has_norm else (1,), device=dev,
                           dtype=torch.float32)
-    args = (q, k, v, o, do, lse, dq, dk, dv, dw_part, cos, sin, q if qw is None else qw,
-            q if kw is None else kw,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+    args = (pq, pk, q, k, v, o, do, lse, dq, dk, dv, dw_part, cos, sin, q if qw is None else qw,
+            q if kw is None else kw, *pq.stride()[:3], *pk.stride()[:3], *q.stride()[:3],
+            *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
             *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], scb, scn, h, n, rows,
             scale * LOG2E, scale, eps)
 
@@ -122,6 +128,19 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     dkw = dw_part[:, 0].sum((0, 1)).to(kw.dtype) if kw is not None else None
     dqw = dw_part[:, 1].sum((0, 1)).to(qw.dtype) if qw is not None else None
     return dqw, dkw
+
+
+def _launch_prologue_fwd(q, k, qo, ko, rope, qw, kw, eps, interleaved):
+    """P(q), P(k) into qo, ko (one launch; the outputs share their strides)."""
+    b, h, n, d = q.shape
+    mod = _kernels(q.device)
+    c, s, scb, scn = _rope_args(rope, q)
+    meta = mod.PROLOGUE_META
+    launch(mod, mod.qk_prologue_fwd)[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
+        q, k, qo, ko, c, s, q if qw is None else qw, q if kw is None else kw,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), scb, scn, h, n, eps,
+        **_prologue_flags(q, rope, qw, kw, interleaved), **meta)
 
 
 def _launch_prologue_bwd(q, k, dqo, dko, dq, dk, rope, qw, kw, eps, interleaved):
@@ -311,18 +330,9 @@ def _prologue_forward(q: Tensor, k: Tensor, cos: Tensor | None, sin: Tensor | No
     launch, for an attention implementation without a prologue (SDPA). Outputs are [B, H, N, D]
     views of [B, N, H, D] memory; the backward recomputes P from the inputs."""
     q, k = unit_last(q), unit_last(k)
-    b, h, n, d = q.shape
-    mod = _kernels(q.device)
     rope = None if cos is None else (cos, sin)
-    c, s, scb, scn = _rope_args(rope, q)
     qo, ko = _bhnd_buffer(q), _bhnd_buffer(k)
-    meta = mod.PROLOGUE_META
-    launch(mod, mod.qk_prologue_fwd)[(_cdiv(n, meta["BLOCK_N"]), b * h, 2)](
-        q, k, qo, ko, c, s, q if q_norm_weight is None else q_norm_weight,
-        q if k_norm_weight is None else k_norm_weight,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        qo.stride(0), qo.stride(1), qo.stride(2), scb, scn, h, n, eps,
-        **_prologue_flags(q, rope, q_norm_weight, k_norm_weight, interleaved), **meta)
+    _launch_prologue_fwd(q, k, qo, ko, rope, q_norm_weight, k_norm_weight, eps, interleaved)
     return qo, ko
 
 

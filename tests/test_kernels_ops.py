@@ -241,8 +241,9 @@ def _traced_kernels(fn, *args) -> list[tuple[str, bool, list[str]]]:
 def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, autotune):
     """Under torch.compile on CUDA, inductor receives the kernels themselves (and launches them
     from its generated code). Traced with fake CUDA tensors: each forward and backward operator
-    is one kernel call that writes only its outputs (so inductor copies no input), with the
-    autotuned kernels and with the fixed tile configs."""
+    is its kernel calls (the attention backward recomputes P(q), P(k) first), each writing only
+    its outputs (so inductor copies no input), with the autotuned kernels and with the fixed
+    tile configs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         def t(*shape, dtype=torch.bfloat16):
@@ -264,11 +265,12 @@ def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, autotune)
         (lambda *a: flash.ATTENTION.inlined(*a, **f), (q, k, v, cos, sin, qw, kw),
          [("attn_fwd", autotune, ["LSE", "O"])]),
         (lambda *a: flash.ATTENTION.inlined_backward(*a, **f), (q, k, v, o, lse, do, cos, sin, qw, kw),
-         [("attn_bwd", autotune, ["DK", "DQ", "DV", "DW"])]),
+         [("qk_prologue_fwd", False, ["KO", "QO"]), ("attn_bwd", autotune, ["DK", "DQ", "DV", "DW"])]),
         (lambda *a: flash.ATTENTION_PACKED.inlined(*a, **f), (qkv, 3, cos, sin, qw, kw),
          [("attn_fwd", autotune, ["LSE", "O"])]),
         (lambda *a: flash.ATTENTION_PACKED.inlined_backward(*a, **f),
-         (qkv, po, plse, po, 3, cos, sin, qw, kw), [("attn_bwd", autotune, ["DK", "DQ", "DV", "DW"])]),
+         (qkv, po, plse, po, 3, cos, sin, qw, kw),
+         [("qk_prologue_fwd", False, ["KO", "QO"]), ("attn_bwd", autotune, ["DK", "DQ", "DV", "DW"])]),
         (lambda *a: flash.PROLOGUE.inlined(*a, 1e-6, True), (q, k, cos, sin, qw, kw),
          [("qk_prologue_fwd", False, ["KO", "QO"])]),
         (lambda *a: flash.PROLOGUE.inlined_backward(*a, 1e-6, True),
