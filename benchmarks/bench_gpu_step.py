@@ -274,6 +274,7 @@ def main(argv=None) -> int:
             del step
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
+        torch._dynamo.reset()  # compiled graphs (and CUDA-graph memory pools) of this variant
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.public:

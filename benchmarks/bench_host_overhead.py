@@ -10,7 +10,7 @@ end. "graphed us/call" replays the same calls from a CUDA graph (device time onl
 is well above the graphed figure, the host is the bottleneck. Rows:
   * SDPA (PyTorch's default backend choice): C++ from end to end;
   * kernels.attention: what train.py runs eagerly, a plain torch.autograd.Function around our
-    launch functions (kernels/_ops.py);
+    launch functions (kernels/_ops.py; the forward under no_grad calls the launchers alone);
   * the opaque torch.library custom operators around the same launch functions (flash.ATTENTION
     .opaque; eager calls went through them before, and they are what torch.compile keeps of the
     kernels on CPU): what the operator machinery costs on top;

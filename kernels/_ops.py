@@ -139,9 +139,10 @@ class KernelOp:
 
     def __call__(self, *inputs):
         """Outside any tracing, the kernels themselves (through the eager Function when a
-        gradient is wanted); under torch.compile, or for fake or subclassed tensors (make_fx,
-        export, FakeTensorMode), the inlined operators for CUDA tensors and the opaque ones for
-        (interpreted) CPU tensors."""
+        gradient is wanted); under torch.compile, or for fake or subclassed tensors (fake or
+        symbolic make_fx, export, FakeTensorMode), the inlined operators for CUDA tensors and the
+        opaque ones for (interpreted) CPU tensors. (A dispatch mode over real tensors, e.g.
+        FlopCounterMode, sees the launchers' torch ops only, not the kernels.)"""
         first = inputs[0]
         if torch.compiler.is_compiling() or type(first) not in (torch.Tensor, torch.nn.Parameter):
             return self.inlined(*inputs) if first.device.type == "cuda" else self.opaque(*inputs)

@@ -294,7 +294,8 @@ def attn_fwd(Q, K, V, O, LSE, COS, SIN, QW, KW,
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: one launch. Programs [0, cdiv(N, BLOCK_N1)) each own BLOCK_N1 keys and accumulate
+# Backward: one launch (after the prologue kernel's, with a prologue). Programs
+# [0, cdiv(N, BLOCK_N1)) each own BLOCK_N1 keys and accumulate
 # dK, dV over the queries (BLOCK_M1 per step); the programs after them each own BLOCK_M2 queries
 # and accumulate dQ over the keys (BLOCK_N2 per step). P is recomputed from the saved LSE,
 # delta = rowsum(dO * O) from the O and dO tiles at hand (no separate pass). Q and K hold

@@ -88,12 +88,13 @@ def _launch_fwd(q, k, v, o, rope, qw, kw, scale, eps, interleaved, autotune):
 def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, interleaved,
                 autotune):
     """Writes dq, dk, dv (preallocated, any strides with unit last stride); returns (dqw, dkw).
-    One launch: the dK/dV programs and the dQ programs share the grid, without atomics, so the
-    gradients do not depend on scheduling. (Adding dq with fp32 atomics from the dK/dV programs,
-    five matmuls per tile pair instead of seven, was 1.6x slower at SiT-B/1 shapes on an H200:
-    benchmarks/RESULTS_GPU.md.) With a prologue, P(q) and P(k) are recomputed first into
-    temporary buffers, so the kernel's loops are plain attention's and only its epilogue applies
-    the prologue's chain rule (see the backward section of kernels/_triton_attention.py)."""
+    One attention launch: the dK/dV programs and the dQ programs share the grid, without
+    atomics, so the gradients do not depend on scheduling. (Adding dq with fp32 atomics from the
+    dK/dV programs, five matmuls per tile pair instead of seven, was 1.6x slower at SiT-B/1
+    shapes on an H200: benchmarks/RESULTS_GPU.md.) With a prologue, P(q) and P(k) are
+    recomputed first into temporary buffers (the prologue kernel's launch), so the attention
+    kernel's loops are plain attention's and only its epilogue applies the prologue's chain
+    rule (see the backward section of kernels/_triton_attention.py)."""
     b, h, n, d = q.shape
     dev = q.device
     mod = _kernels(dev)

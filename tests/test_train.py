@@ -509,7 +509,9 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, run_args, compone
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda m, mode=None: compile_modes.append(mode) or real_compile(m, mode=mode))
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
+    real_mark = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
+                        lambda: step_marks.append(1) or real_mark())
     eager = train.train(train.parse_config(base + ["--run_name", "eager"]))
     assert compile_modes == [] and step_marks == []  # without --compile the mode does nothing
     compiled = train.train(train.parse_config(base + ["--run_name", "compiled", "--compile", "true"]))
