@@ -109,9 +109,9 @@ class Config:
     deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
     kernels: str = flag("auto", "triton (kernels/: one fused QK-norm + RoPE pass before SDPA, and with --norm "
-                                "rmsnorm the fused modulated norm and gated residual) | torch (SDPA and plain "
-                                "ops) | auto (torch: the faster step as measured on an H200, eager and compiled, "
-                                "benchmarks/RESULTS_GPU.md)")
+                                "rmsnorm, without --compile, the fused modulated norm and gated residual) | torch "
+                                "(SDPA and plain ops) | auto (torch: the faster step as measured on an H200, eager "
+                                "and compiled, benchmarks/RESULTS_GPU.md)")
     # ---- bookkeeping
     run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
     runs_dir: str = flag("runs", "where run folders go")
@@ -395,8 +395,9 @@ def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_atten
     triton: the kernels; refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
     head_dim 72 with RoPE or QK-norm) and, on a GPU, when kernels.selfcheck fails (a broken kernel
     build must not train). Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's fused
-    backends, or with flash_attention=True the Triton flash kernel. The same with --compile true
-    (the kernels trace into the compiled graph)."""
+    backends, or with flash_attention=True the Triton flash kernel, and with RMSNorm the blocks'
+    modulated norms are the fused kernels. The same with --compile true (the kernels trace into
+    the compiled graph), except the modulated norms, which inductor fuses faster itself."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = "torch" if choice == "auto" else choice
@@ -439,9 +440,11 @@ class SiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple | None = None,
                 v1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        if self.backend == "triton" and self.rmsnorm:
+        if self.backend == "triton" and self.rmsnorm and not torch.compiler.is_compiling():
             # one pass each for norm + modulation and for gated residual + norm + modulation;
-            # the normalised activations come out in the dtype the next Linear consumes
+            # the normalised activations come out in the dtype the next Linear consumes. Under
+            # torch.compile inductor fuses these ops itself, 2x faster than the kernels on an
+            # H200 (forward+backward, benchmarks/RESULTS_GPU.md), so the kernels are eager-only.
             import kernels
             dev = x.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype

@@ -348,7 +348,16 @@ def test_public_functions_compile_without_graph_breaks(compiler):
 @pytest.mark.parametrize("flash_attention", [False, True], ids=["prologue+sdpa", "flash"])
 def test_whole_model_with_triton_kernels_compiles_in_one_graph(flash_attention):
     """--compile true --kernels triton: the SiT (every component on) compiles with fullgraph=True
-    (any graph break raises) and gives the eager outputs and gradients."""
+    (any graph break raises) and gives the eager outputs and gradients. The graph holds the
+    attention kernel; the modulated norms are left to the compiler (eager-only kernels)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+    backend = aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_graph)
     opts = dict(ALL_ON, reg_dim=64)
     x, t, y, cls_t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10]), torch.randn(2, 64)
     keep = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i))[:4].sort().values
@@ -359,13 +368,18 @@ def test_whole_model_with_triton_kernels_compiles_in_one_graph(flash_attention):
         model = digits_model(**opts)
         assert train.set_kernels(model, "triton", torch.device("cpu"),
                                  flash_attention=flash_attention) == "triton"
-        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        run = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
         out = run(x, t, y, cls_t=cls_t, routing=Routing(keep=keep))
         (out["v"].pow(2).mean() + out["cls_v"].pow(2).mean()).backward()
         results.append((out["v"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, msg=name)
+    forward, backward = graphs
+    attention = "flash_attention" if flash_attention else "qk_norm_rope"
+    assert f"speedrun_kernels.{attention}.default" in forward
+    assert f"speedrun_kernels.{attention}_backward.default" in backward
+    assert "modulated_rmsnorm" not in forward + backward
 
 
 def test_strided_norm_weights_and_malformed_rope_tables():
