@@ -120,8 +120,9 @@ def _run(fn, args):
 
 @pytest.mark.parametrize("case", OP_CASES)
 def test_eager_function_and_both_operators_compute_the_same_bits(case):
-    """The three wrappers share the launch functions: outputs and every gradient bitwise equal;
-    eager calls and the opaque operator's run its own backward operator, the inlined its own."""
+    """The three wrappers share the launch functions: outputs and every gradient bitwise equal.
+    The opaque and the inlined operator each dispatch their own backward operator; the eager
+    Function dispatches none."""
     op, args = _op_cases()[case]
     results = {}
     for kind in ("eager", "opaque", "inlined"):
