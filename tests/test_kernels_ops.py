@@ -216,15 +216,16 @@ def sm90_target(monkeypatch):
                         types.SimpleNamespace(get_current_target=lambda: target))
 
 
-def _traced_kernels(fn, *args) -> list[tuple[str, bool, list[str]]]:
+def _traced_kernels(fn, *args, tracing_mode="fake") -> list[tuple[str, bool, list[str]]]:
     """(kernel name, autotuned?, arguments it writes) for each Triton kernel call in the
     functionalised trace of fn(*args); fails on an opaque speedrun_kernels operator left in the
-    graph."""
+    graph, and with tracing_mode="symbolic" on shapes that did not stay symbolic."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from triton.runtime.jit import JITFunction
-    gm = make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*args)
+    gm = make_fx(dispatch_functionalize(fn), tracing_mode=tracing_mode)(*args)
+    assert tracing_mode != "symbolic" or "sym_size" in gm.code, gm.code
     calls = []
     for node in gm.graph.nodes:
         assert _ops.NAMESPACE not in str(node.target), gm.code
@@ -287,6 +288,29 @@ def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, autotune)
     ]
     for fn, args, want in cases:
         assert _traced_kernels(fn, *args) == want
+
+
+def test_inlined_operators_trace_with_symbolic_shapes(sm90_target, monkeypatch):
+    """torch.compile turns to symbolic shapes when a shape changes between calls: the launch
+    functions must trace with them (tile plans specialise on what they need) into kernel calls.
+    The compiled kernel files are used on CPU tensors here, traced only, never launched."""
+    from kernels import _loader
+    load = _loader.load
+    monkeypatch.setattr(_loader, "load", lambda name, interpret: load(name, False))
+    q, k, v, do = (torch.randn(2, 3, 33, 64) for _ in range(4))
+    qw, cos, sin = torch.randn(64), torch.randn(33, 32), torch.randn(33, 32)
+    x, s = torch.randn(2, 33, 96), torch.randn(2, 96)
+    o, lse = torch.randn(2, 3, 33, 64), torch.randn(6, 33)
+    cases = [
+        (lambda *a: flash._attention_forward(*a, None, 0.125, 1e-6, True, True),
+         (q, k, v, cos, sin, qw), ["attn_fwd"]),
+        (lambda *a: flash._attention_backward(*a, None, 0.125, 1e-6, True, True),
+         (q, k, v, o, lse, do, cos, sin, qw), ["qk_prologue_fwd", "attn_bwd"]),
+        (lambda *a: adaln._modnorm_forward(*a, None, 1e-6, torch.float32), (x, s, s),
+         ["modnorm_fwd"]),
+    ]
+    for fn, args, want in cases:
+        assert [c[0] for c in _traced_kernels(fn, *args, tracing_mode="symbolic")] == want
 
 
 def test_compile_caches_are_keyed_by_the_kernel_sources():
