@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
@@ -158,7 +159,6 @@ def test_calls_without_gradients_record_nothing_and_fake_inputs_take_the_operato
     """Sampling (no_grad, or inputs that need no gradient) runs the forward launchers alone: no
     autograd node, no operator. Fake tensors (make_fx, export, FakeTensorMode) go through the
     operators' fake implementations instead of launching kernels on them."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     q, k, v = (_t(1, 2, 17, 32, seed=i) for i in range(3))
     with _OpLog() as log, torch.no_grad():
         out = kernels.attention(q, k, v, backend="triton")
@@ -194,7 +194,6 @@ def test_eager_functions_launch_compiled_kernels_without_the_traceable_wrapper()
 
 
 def test_compiled_calls_take_the_inlined_operators_on_cuda_only(monkeypatch):
-    from torch._subclasses.fake_tensor import FakeTensorMode
     calls = []
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(flash.ATTENTION, "inlined", lambda *a: calls.append("inlined"))
@@ -246,7 +245,6 @@ def test_inlined_operators_trace_to_the_kernels_for_a_gpu(sm90_target, autotune)
     is its kernel calls (the attention backward recomputes P(q), P(k) first), each writing only
     its outputs (so inductor copies no input), with the autotuned kernels and with the fixed
     tile configs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         def t(*shape, dtype=torch.bfloat16):
             return torch.empty(*shape, device="cuda", dtype=dtype)
