@@ -15,6 +15,7 @@ the hand-written <out>/notes.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -54,15 +55,32 @@ def run_dir(runs_dir: Path, track_name: str, rung_id: str, seed: int, iterations
 def train_rung(track: str, track_name: str, rung_id: str, flags: list[str], seed: int, runs_dir: Path,
                iterations: int) -> Path:
     out = run_dir(runs_dir, track_name, rung_id, seed, iterations)
+    train_args = ["--track", track, "--seed", str(seed), "--runs_dir", str(runs_dir), "--run_name", out.name,
+                  "--write_record", "false", "--resume", "auto", *flags,
+                  *(["--iterations", str(iterations)] if iterations else [])]
     if (out / "model.safetensors").is_file():
+        check_trained_config(out / "model.safetensors", train_args)
         print(f"[ladder] {rung_id} seed {seed}: trained model found, skipping training", flush=True)
         return out
-    cmd = [sys.executable, str(ROOT / "train.py"), "--track", track, "--seed", str(seed),
-           "--runs_dir", str(runs_dir), "--run_name", out.name, "--write_record", "false",
-           "--resume", "auto", *flags, *(["--iterations", str(iterations)] if iterations else [])]
+    cmd = [sys.executable, str(ROOT / "train.py"), *train_args]
     print(f"[ladder] {rung_id} seed {seed}: {shlex.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
+
+
+def check_trained_config(model_path: Path, train_args: list[str]) -> None:
+    """A model found on disk stands in for a rung only if it was trained with what the rung's
+    command would train now (ladder.json or a track's defaults may have changed since)."""
+    from train import MODEL_FORMAT, RESUME_MAY_CHANGE, parse_config, read_safetensors
+
+    _, metadata = read_safetensors(model_path, MODEL_FORMAT, with_tensors=False)
+    trained = json.loads(metadata["config"])
+    wanted = dataclasses.asdict(parse_config(train_args))
+    differ = [f"{k}: trained {trained.get(k)!r}, rung {v!r}" for k, v in sorted(wanted.items())
+              if k not in RESUME_MAY_CHANGE and trained.get(k) != v]
+    if differ:
+        raise SystemExit(f"{model_path} was trained with other settings than this rung's command "
+                         f"({'; '.join(differ)}); delete that run folder or use another --runs_dir")
 
 
 def evaluate_rung(model_dir: Path, track: dict, labels: str, eval_seed: int, work: Path) -> dict:

@@ -43,3 +43,24 @@ def test_every_rung_trains_evaluates_and_renders(tmp_path, tiny_track):
     assert ladder.main(args) == 0
     with pytest.raises(SystemExit, match="smoke"):
         ladder.main(args[:-4] + ["--eval_seeds", "0"])
+
+
+def test_a_model_trained_with_other_settings_never_stands_in_for_a_rung(tmp_path, tiny_track):
+    import train
+
+    flags = ladder.rung_flags(ladder.load_ladder())
+    track = train.load_track(str(tiny_track))
+    base = ["--track", str(tiny_track), "--seed", "0", "--runs_dir", str(tmp_path), "--run_name", "r",
+            "--write_record", "false", "--resume", "auto", "--iterations", "2"]
+    cfg = train.parse_config(base + flags["plain"])
+    path = tmp_path / "r" / "model.safetensors"
+    path.parent.mkdir()
+    train.export_model(path, train.build_model(cfg, track), cfg, track)
+    ladder.check_trained_config(path, base + flags["plain"])  # the same command: accepted
+    # where the rung asks for more (ladder.json edited) or other values, the stale model is refused
+    with pytest.raises(SystemExit, match=r"repa_coef: trained 0.0, rung 0.5"):
+        ladder.check_trained_config(path, base + flags["repa"])
+    with pytest.raises(SystemExit, match=r"iterations: trained 2, rung 3"):
+        ladder.check_trained_config(path, base[:-1] + ["3"] + flags["plain"])
+    # where and how a run ran is not a difference
+    ladder.check_trained_config(path, base + flags["plain"] + ["--log_every", "7", "--kernels", "torch"])
