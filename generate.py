@@ -368,11 +368,17 @@ def grid_pixels(images: np.ndarray, columns: int = 10, upscale: int = 1) -> np.n
     return canvas[..., 0] if c == 1 else canvas
 
 
+GRID_SAMPLES = 100
+GRID_CLASS_COLUMNS = 20  # up to this many classes, balanced labels get one column per class
+
+
 def protocol_grid(images: np.ndarray, track: dict, protocol: dict) -> np.ndarray:
-    """The grid a run shows of its samples: the first 100, one class per column with balanced
-    labels, upscaled to at least 64 px per image."""
+    """The grid a run shows of its samples: the first 100 in 10 columns, upscaled to at least 64 px
+    per image; with balanced labels and few classes one class per column (with ImageNet's 1000 the
+    first 100 samples are 100 classes: one row of 1000 columns would be 90% empty)."""
     data = track["dataset"]
-    return grid_pixels(images[:100], columns=data["num_classes"] if protocol.get("labels") == "balanced" else 10,
+    by_class = protocol.get("labels") == "balanced" and data["num_classes"] <= GRID_CLASS_COLUMNS
+    return grid_pixels(images[:GRID_SAMPLES], columns=data["num_classes"] if by_class else 10,
                        upscale=max(1, 64 // data["resolution"]))
 
 

@@ -104,6 +104,8 @@ class IdentityEncoder(LatentEncoder):
             raise ValueError(f"decode() expects NCHW latents of rank 4, got shape {tuple(x.shape)}")
         if not torch.is_floating_point(x):
             raise ValueError(f"decode() expects floating point latents, got dtype {x.dtype}")
+        # rounded, as DiT/REPA/SR-DiT's samplers store pixels (clamp(127.5 x + 128) then uint8);
+        # guided-diffusion's image_sample.py truncates instead (+0.5 level on average)
         pixels = torch.round((x.to(torch.float32) + 1.0) * 127.5).clamp_(0, 255)
         return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 

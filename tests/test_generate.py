@@ -1,6 +1,8 @@
 """generate.py beyond the pure samplers: labels, per-sample noise, guidance, sharding, files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,24 @@ def test_generate_cli_kernels_triton_equals_torch(tmp_path, monkeypatch):
     difference = np.abs(arrays["triton"] - arrays["torch"])
     assert difference.max() <= 1 and (difference == 0).mean() > 0.98  # float rounding at pixel edges only
     assert arrays["torch"].std() > 10  # the samples are images, not a constant
+
+
+def test_protocol_grid_columns_follow_the_classes_only_when_few():
+    """Digits (10 classes, balanced): one class per column. ImageNet (1000 classes): 100 samples
+    in 10 columns, not one row of 1000 mostly empty columns."""
+    import json
+    root = Path(generate.__file__).resolve().parent / "records" / "tracks"
+    for name, size, columns in (("digits", 8, 10), ("imagenet256_400k", 256, 10)):
+        track = json.loads((root / f"{name}.json").read_text())
+        channels = 1 if name == "digits" else 3
+        images = np.random.default_rng(0).integers(0, 256, (100, size, size, channels), dtype=np.uint8)
+        grid = generate.protocol_grid(images, track, dict(track["evaluation"], labels="balanced"))
+        upscale = max(1, 64 // size)
+        assert grid.shape[:2] == ((10 * (size + 1) + 1) * upscale, (columns * (size + 1) + 1) * upscale)
+        # column c of row 0 holds sample c, whose balanced label is c
+        top_left = grid[upscale:upscale * (size + 1), upscale * (size + 2):upscale * (2 * size + 2)]
+        expected = images[1].repeat(upscale, 0).repeat(upscale, 1)
+        np.testing.assert_array_equal(top_left, expected[..., 0] if channels == 1 else expected)
+    track = {"dataset": {"num_classes": 15, "resolution": 32}}
+    grid = generate.protocol_grid(np.zeros((100, 32, 32, 3), np.uint8), track, {"labels": "balanced"})
+    assert grid.shape[1] == (15 * 33 + 1) * 2  # few classes: one column each
