@@ -189,6 +189,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+MIXED_PRECISIONS = ("auto", "no", "bf16")  # fp16 would need a loss scaler the loop does not have
 
 
 def uses_cuda_graphs(cfg: Config) -> bool:
@@ -212,12 +213,26 @@ def validate_config(cfg: Config) -> None:
     for name in ("lr", "grad_clip"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    # a negative weight would not flip a component: the model leaves it out, silently
+    for name in ("repa_coef", "reg_coef", "cfm_coef", "weight_decay", "time_shift_base"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
     for name, value, low, high in (("class_dropout", cfg.class_dropout, 0.0, 1.0),
-                                   ("ema_decay", cfg.ema_decay, 0.0, 1.0),
                                    ("sprint_drop_ratio", cfg.sprint_drop_ratio, 0.0, 1.0),
                                    ("sprint_path_drop", cfg.sprint_path_drop, 0.0, 1.0)):
         if not low <= value <= high:
             raise ConfigError(f"--{name} must be in [{low}, {high}], got {value}")
+    # half-open: an EMA decay of 1 never moves (the exported model would be the initialisation),
+    # AdamW refuses betas of 1
+    for name in ("ema_decay", "beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.mixed_precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, not "
+                          f"{cfg.mixed_precision!r}")
+    if cfg.repa_coef > 0 and cfg.repa_depth < 1:
+        raise ConfigError(f"--repa_coef {cfg.repa_coef} needs --repa_depth of at least 1 (the block whose output "
+                          f"is aligned), got {cfg.repa_depth}")
     if cfg.sprint and (cfg.sprint_dense_in < 1 or cfg.sprint_dense_out < 0):
         raise ConfigError(f"SPRINT needs at least one dense block before the sparse part and none or more "
                           f"after it, got --sprint_dense_in {cfg.sprint_dense_in} --sprint_dense_out "
@@ -230,18 +245,25 @@ RESUME_MAY_CHANGE = frozenset({
     "data_dir", "encoder_weights", "grad_accum", "compile", "compile_mode", "deterministic", "kernels", "run_name",
     "runs_dir", "records_dir", "leaderboard", "log_every", "ckpt_every", "keep_checkpoints", "resume",
     "description", "contributors", "write_record", "wandb"})
+# ...of which these name this command itself, never the checkpoint's
+RESUME_FROM_COMMAND = frozenset({"resume", "run_name", "runs_dir"})
 
 
 def resumed_config(cfg: Config, prior: dict, path: Path) -> Config:
-    """The configuration a resumed run continues with: the checkpoint's, except RESUME_MAY_CHANGE
-    (this command's). A flag of this command that contradicts the checkpoint is an error, so
-    `--resume auto --run_name X` alone continues exactly what was started; a Config built without
-    parse_config counts every field as given."""
+    """The configuration a resumed run continues with: the checkpoint's. A flag of this command
+    that contradicts it is an error, except for RESUME_MAY_CHANGE, which this command's flags may
+    set; those it does not give stay the checkpoint's too (grad_accum: bitwise the same steps;
+    description, write_record...). So `--resume auto --run_name X` alone continues exactly what
+    was started. A Config built without parse_config counts every field as given."""
     given = getattr(cfg, "flags_given", None)
     values = dataclasses.asdict(cfg)
     conflicts = []
     for name, old in prior.items():
-        if name not in values or name in RESUME_MAY_CHANGE or values[name] == old:
+        if name not in values or name in RESUME_FROM_COMMAND or values[name] == old:
+            continue
+        if name in RESUME_MAY_CHANGE:
+            if given is not None and name not in given:
+                values[name] = old
             continue
         if given is None or name in given:
             conflicts.append(f"{name}={values[name]!r} (checkpoint: {old!r})")
@@ -849,7 +871,6 @@ def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tens
 # =============================================================================================
 def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
                     step: int, cfg: Config, extra: dict) -> None:
-    from safetensors.torch import save_file
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
@@ -860,7 +881,17 @@ def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
     tensors["rng.torch_cpu"] = torch.get_rng_state()
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
                 "extra": json.dumps(extra)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(path, tensors, metadata)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    """Atomically; a failure (a full disk) names the file and leaves every earlier file as it was."""
+    from safetensors.torch import save_file
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except Exception as e:
+        raise CheckpointError(f"could not write {path} ({type(e).__name__}: {e}); earlier checkpoints "
+                              "are untouched") from e
 
 
 def read_safetensors(path: Path, expected_format: str, with_tensors: bool = True) -> tuple[dict, dict]:
@@ -926,13 +957,12 @@ def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
 
 def export_model(path: Path, ema: nn.Module, cfg: Config, track: dict) -> None:
     """The inference artefact: EMA weights + what is needed to rebuild the network."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "model": cfg.model, "config": json.dumps(dataclasses.asdict(cfg)),
                 "input_size": str(ema.input_size), "in_channels": str(ema.in_channels),
                 "num_classes": str(ema.num_classes), "track": track["name"],
                 "options": json.dumps(dataclasses.asdict(ema.opts))}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def load_model(path: Path) -> tuple[SiT, dict]:
@@ -1185,11 +1215,13 @@ def train(cfg: Config) -> dict:
         cfg.run_name = default_run_name(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     resume_path = _resolve_resume(cfg, run_dir)
-    if not resume_path and list_checkpoints(run_dir):  # its pruning would delete the new ones
+    own = resume_path is not None and resume_path.resolve().parent == (run_dir / "checkpoints").resolve()
+    if list_checkpoints(run_dir) and not own:  # its pruning would delete them, its log append to theirs
         raise ConfigError(f"run folder {run_dir} holds checkpoints of an earlier run: continue it with "
                           "--resume auto, or start this one under another --run_name")
-    if resume_path:  # before anything is built: the model follows the checkpoint's settings
-        cfg = resumed_config(cfg, read_checkpoint_metadata(resume_path)["config"], resume_path)
+    prior = read_checkpoint_metadata(resume_path) if resume_path else None
+    if prior:  # before anything is built: the model follows the checkpoint's settings
+        cfg = resumed_config(cfg, prior["config"], resume_path)
     validate_config(cfg)
     track = load_track(cfg.track)
     accelerator = make_accelerator(cfg)
@@ -1212,6 +1244,9 @@ def train(cfg: Config) -> dict:
         ensure_digits(cfg.data_dir)
     accelerator.wait_for_everyone()
     dataset = ShardDataset(cfg.data_dir, track["dataset"]["train_split"])
+    data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
+    if prior:
+        check_same_run(prior["extra"], resume_path, data_manifest, code_hash(source), cfg.write_record)
 
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(cfg, track)
@@ -1261,7 +1296,6 @@ def train(cfg: Config) -> dict:
             print(f"[train] --resume auto: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0",
                   flush=True)
     # what this leg ran on and with which data, as records.validate reads them back
-    data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
     log.line(f"environment: {json.dumps(env, sort_keys=True)}")
     log.line(f"data_manifest_sha256: {data_manifest}")
     if is_main:
@@ -1282,7 +1316,8 @@ def train(cfg: Config) -> dict:
             assert data_position["step"] == step, (data_position, step)
             save_checkpoint(path, unwrap(model), ema, optimizer, step, cfg,
                             {"data_position": data_position, "world_size": world,
-                             "train_seconds": train_seconds})
+                             "train_seconds": train_seconds, "data_manifest_sha256": data_manifest,
+                             "code_sha256": code_hash(source)})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 if old != path:  # never the one just written
                     old.unlink()
@@ -1370,6 +1405,21 @@ def start_wandb(cfg: Config, run_dir: Path):
                       config=dataclasses.asdict(cfg))
 
 
+def check_same_run(extra: dict, path: Path, data_manifest: str, code: str, write_record: bool) -> None:
+    """A resumed run continues on the data and code its checkpoint was trained with: each leg's log
+    names only its own, and a record must describe the whole run. (Checkpoints written before
+    these fields existed are not checked.)"""
+    before = extra.get("data_manifest_sha256")
+    if before and before != data_manifest:
+        raise ConfigError(f"cannot resume {path}: it was trained on data with manifest sha256 {before}, this "
+                          f"run's data has {data_manifest}")
+    before = extra.get("code_sha256")
+    if before and before != code and write_record:
+        raise ConfigError(f"cannot resume {path} with a record at the end: train.py changed since it was "
+                          f"written (code sha256 {before}, now {code}), so no one code trained the whole run; "
+                          "restore that train.py, or continue with --write_record false")
+
+
 def _resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
     if not cfg.resume:
         return None
@@ -1430,14 +1480,22 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
         official = (cfg.iterations, cfg.global_batch) == (track["budget"]["iterations"],
                                                          track["budget"]["global_batch"])
         pinned = track["dataset"].get("manifest_sha256")
+        earlier = cfg.write_record and official and record_of_run(log.path)
+        unlike = cfg.write_record and official and differs_from_definition(track, Path(cfg.records_dir))
         if cfg.write_record and official and pinned and summary["data_manifest_sha256"] != pinned:
             print(f"[train] not a track run: the data in {cfg.data_dir} is not the track's (manifest sha256 "
                   f"{summary['data_manifest_sha256']}, the track pins {pinned}): no record", flush=True)
+        elif earlier:
+            print(f"[train] this run's record was written before ({earlier}): no second record", flush=True)
+        elif unlike:
+            print(f"[train] not a track run: {cfg.track} differs from the definition of track "
+                  f"{track['name']!r} ({unlike}): no record", flush=True)
         elif cfg.write_record and official:
             from records.record import write_record
             from records.leaderboard import render_leaderboard
             record_dir = write_record(cfg, track, run_dir, summary | out)
             out["record_dir"] = str(record_dir)
+            log.line(f"record written: {record_dir}")  # after the record's copy of the log was taken
             try:
                 render_leaderboard(Path(cfg.records_dir), Path(cfg.leaderboard))
                 print(f"[train] record written to {record_dir}; {cfg.leaderboard} re-rendered", flush=True)
@@ -1451,6 +1509,36 @@ def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelera
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out
+
+
+def record_of_run(log_path: Path) -> Path | None:
+    """The record an earlier leg of this run wrote (a finished run resumed again), if it still exists."""
+    if not log_path.exists():
+        return None
+    text = log_path.read_text()
+    for folder in reversed(re.findall(r"^record written: (.*)$", text[len(code_from_log(text)):], re.M)):
+        if (Path(folder) / "record.json").is_file():
+            return Path(folder)
+    return None
+
+
+def differs_from_definition(track: dict, records_dir: Path) -> str:
+    """What a track file given by path changes in the definition of the track it names, which
+    records.validate will judge its record by ('' when nothing, or when no definition exists):
+    a copy of digits.json with a smaller budget must not write a digits record."""
+    from records.leaderboard import _tracks_dir
+    path = _tracks_dir(records_dir) / f"{track['name']}.json"
+    if not path.is_file():
+        return ""
+    definition = json.loads(path.read_text())
+    ignored = {"train_defaults"}  # how the record was trained is in its config; the rules are the rest
+    keys = sorted(k for k in set(track) | set(definition)
+                  if k not in ignored and _without_dir(track.get(k), k) != _without_dir(definition.get(k), k))
+    return f"{path}: {', '.join(keys)} differ" if keys else ""
+
+
+def _without_dir(value, key: str):
+    return {k: v for k, v in value.items() if k != "dir"} if key == "dataset" and isinstance(value, dict) else value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/env.sh
-GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+source scripts/gpus.sh
+GPUS=$(visible_gpus)
 NPROC="${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}"
 NNODES="${NNODES:-1}"
 if (( NPROC == 1 && NNODES == 1 )); then

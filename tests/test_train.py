@@ -208,6 +208,15 @@ def test_a_fresh_run_never_shares_an_earlier_runs_folder(tmp_path, run_args):
     train.train(train.parse_config(run_args + ["--run_name", "taken", "--write_record", "false"]))
     with pytest.raises(train.ConfigError, match="holds checkpoints of an earlier run"):
         train.train(train.parse_config(run_args + ["--run_name", "taken", "--iterations", "2"]))
+    # nor does a resume from another run's checkpoint (it would prune and overwrite these)
+    other = train.train(train.parse_config(run_args + ["--run_name", "other", "--seed", "1", "--iterations", "3",
+                                                        "--write_record", "false"]))
+    taken = tmp_path / "runs" / "taken"
+    before = {p: p.read_bytes() for p in taken.rglob("*") if p.is_file()}
+    with pytest.raises(train.ConfigError, match=f"run folder {taken} holds checkpoints of an earlier run"):
+        train.train(train.parse_config(run_args + ["--run_name", "taken", "--resume",
+                                                    str(train.list_checkpoints(Path(other["run_dir"]))[-1])]))
+    assert {p: p.read_bytes() for p in taken.rglob("*") if p.is_file()} == before
     cfg = train.parse_config(run_args)
     first = train.default_run_name(cfg)
     (tmp_path / "runs" / first / "checkpoints").mkdir(parents=True)
@@ -238,7 +247,13 @@ def test_checkpoints_without_optimizer_rng_or_step_are_rejected(tmp_path):
     (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
     (["--ckpt_every", "0"], "--ckpt_every must be at least 1"),
     (["--grad_accum", "0"], "--grad_accum must be at least 1"),
-    (["--ema_decay", "1.5"], r"--ema_decay must be in \[0.0, 1.0\]"),
+    (["--ema_decay", "1.5"], r"--ema_decay must be in \[0, 1\)"),
+    (["--ema_decay", "1.0"], r"--ema_decay must be in \[0, 1\)"),  # the EMA would never move
+    (["--beta2", "1.0"], r"--beta2 must be in \[0, 1\)"),
+    (["--mixed_precision", "fp16"], "--mixed_precision must be one of auto, no, bf16, not 'fp16'"),
+    (["--repa_coef", "0.5", "--repa_depth", "0"], "--repa_coef 0.5 needs --repa_depth of at least 1"),
+    (["--cfm_coef", "-0.05"], "--cfm_coef must be at least 0"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be at least 0"),
     (["--sprint", "true", "--sprint_dense_in", "0"], "SPRINT needs at least one dense block"),
 ])
 def test_values_no_run_can_use_are_refused_up_front(tiny_track, flags, message):
@@ -335,6 +350,94 @@ def test_resume_refuses_a_different_budget(tmp_path, run_args):
     with pytest.raises(train.ConfigError, match="dataset_size=1000"):
         train.train(train.parse_config(run_args + ["--run_name", "r3", "--resume", str(foreign),
                                                     "--write_record", "false"]))
+
+
+def test_resume_keeps_the_runs_settings_the_command_does_not_give(tmp_path, run_args):
+    """`--resume auto --run_name X` alone continues what was started: settings that may change on
+    resume (grad_accum, description, write_record...) stay the checkpoint's unless given."""
+    started = train.parse_config(run_args + ["--run_name", "r", "--grad_accum", "2", "--description", "mine",
+                                             "--contributors", "alice", "--write_record", "false",
+                                             "--log_every", "3"])
+    prior = dict(vars(started))
+    prior.pop("flags_given")
+    ck = tmp_path / "step.safetensors"
+    resumed = train.resumed_config(train.parse_config(run_args + ["--resume", "auto", "--run_name", "r"]), prior, ck)
+    assert (resumed.grad_accum, resumed.description, resumed.contributors, resumed.write_record,
+            resumed.log_every) == (2, "mine", "alice", False, 3)
+    assert resumed.resume == "auto"
+    # given flags of that kind win; the command's own resume/run name/runs dir are always its own
+    resumed = train.resumed_config(train.parse_config(run_args + ["--resume", str(ck), "--run_name", "r2",
+                                                                  "--grad_accum", "4"]), prior, ck)
+    assert (resumed.grad_accum, resumed.resume, resumed.run_name) == (4, str(ck), "r2")
+
+
+def test_a_resume_continues_on_the_same_data_and_code(tmp_path):
+    extra = {"data_manifest_sha256": "a" * 64, "code_sha256": "c" * 64}
+    ck = tmp_path / "step_3.safetensors"
+    train.check_same_run(extra, ck, "a" * 64, "c" * 64, write_record=True)
+    with pytest.raises(train.ConfigError, match=f"cannot resume {ck}: it was trained on data with manifest "
+                                                f"sha256 {'a' * 64}, this run's data has {'b' * 64}"):
+        train.check_same_run(extra, ck, "b" * 64, "c" * 64, write_record=False)
+    with pytest.raises(train.ConfigError, match="train.py changed since it was written"):
+        train.check_same_run(extra, ck, "a" * 64, "d" * 64, write_record=True)
+    train.check_same_run(extra, ck, "a" * 64, "d" * 64, write_record=False)  # no record: may continue
+    train.check_same_run({}, ck, "b" * 64, "d" * 64, write_record=True)  # checkpoints from before these fields
+
+
+def test_a_finished_run_resumed_again_and_a_renamed_track_copy_write_no_record(tmp_path, run_args, tiny_track,
+                                                                                 capsys):
+    records = tmp_path / "records"
+    first = train.train(train.parse_config(run_args + ["--run_name", "r"]))
+    assert (Path(first["record_dir"]) / "record.json").is_file()
+    meta = train.read_checkpoint_metadata(train.list_checkpoints(tmp_path / "runs" / "r")[-1])
+    assert meta["extra"]["data_manifest_sha256"] == first["data_manifest_sha256"]
+    assert meta["extra"]["code_sha256"] == first["code_hash"]
+    again = train.train(train.parse_config(run_args + ["--run_name", "r", "--resume", "auto"]))
+    assert "record_dir" not in again
+    assert f"this run's record was written before ({first['record_dir']}): no second record" in capsys.readouterr().out
+    assert [p.name for p in records.glob("tiny/*")] == [Path(first["record_dir"]).name]
+    # a copy of the digits track under its name, with a smaller budget, is not the digits track
+    fake = json.loads(tiny_track.read_text()) | {"name": "digits"}
+    (tmp_path / "fake.json").write_text(json.dumps(fake))
+    train.train(train.parse_config(run_args[2:] + ["--track", str(tmp_path / "fake.json"), "--run_name", "f"]))
+    out = capsys.readouterr().out
+    assert "differs from the definition of track 'digits'" in out and "budget" in out and "no record" in out
+    assert not (records / "digits").exists()
+    real = json.loads((ROOT / "records" / "tracks" / "digits.json").read_text())
+    real["dataset"]["dir"] = "elsewhere"  # where the data lives is no rule
+    real["train_defaults"] = {}  # nor how the record was trained
+    assert train.differs_from_definition(real, records) == ""
+
+
+def test_a_checkpoint_that_cannot_be_written_names_its_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    import safetensors.torch
+    model, ema, opt = _tiny_state()
+    cfg = train.Config()
+    path = tmp_path / "step_00000003.safetensors"
+    train.save_checkpoint(path, model, ema, opt, 3, cfg, {})
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(train.CheckpointError, match=f"could not write {path} .*No space left on device"):
+        train.save_checkpoint(path, model, ema, opt, 6, cfg, {})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_train_sh_counts_only_the_gpus_cuda_may_use(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H100 (UUID: a)'\necho 'GPU 1: H100 (UUID: b)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    for visible, count in ((None, 2), ("0", 1), ("1,0", 2), ("0,1,2,3", 2), ("", 0), ("-1", 0), ("0,-1,1", 1)):
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        env["PATH"] = f"{fake}:{env['PATH']}"
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+        out = subprocess.run(["bash", "-c", "source scripts/gpus.sh && visible_gpus"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == str(count), (visible, out)
 
 
 def test_run_log_starts_with_source_and_environment(tmp_path, run_args):
