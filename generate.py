@@ -323,10 +323,14 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, l
 @torch.no_grad()
 def sample_latents(model: torch.nn.Module, indices: Sequence[int], latent_shape: Sequence[int],
                    num_classes: int, protocol: dict, device: Union[str, torch.device] = "cpu",
-                   progress: ProgressFn = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: ProgressFn = None, prefetch_noise: Optional[bool] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples the given global indices in one batch; returns (latents fp32 CPU, labels).
     With REG the class-token latent is integrated jointly and then discarded; the time grid is
-    shifted when the model was trained with a time shift."""
+    shifted when the model was trained with a time shift. The SDE's per-step noise is drawn on a
+    worker thread one step ahead (prefetch_noise; default: on CUDA devices, where the CPU is
+    otherwise idle while the model runs: ~30 ms per step for 1000 samples of 32x16x16 latents on a
+    2-core CPU, 7 s of a 250-step batch); the same numbers either way."""
     opts = getattr(model, "opts", None)
     reg_dim = opts.reg_dim if opts is not None else 0
     shift_base = opts.time_shift_base if opts is not None else 0.0
@@ -341,11 +345,22 @@ def sample_latents(model: torch.nn.Module, indices: Sequence[int], latent_shape:
                                bool(protocol.get("path_drop_guidance", False)), reg_dim)
     shift = time_shift_for_shape(latent_shape, shift_base) if shift_base > 0 else 1.0
     kwargs = dict(num_steps=int(protocol["num_steps"]), shift=shift, progress=progress)
+    prefetch = None
     if spec.stochastic:
-        def noise(_step: int) -> torch.Tensor:
-            return torch.stack([torch.randn(dim, generator=g) for g in gens]).to(device)
+        def draw(_step: int) -> torch.Tensor:  # each sample's stream, step after step
+            return torch.stack([torch.randn(dim, generator=g) for g in gens])
+        if torch.device(device).type == "cuda" if prefetch_noise is None else prefetch_noise:
+            from train import NoisePrefetch  # the next step's draws on the CPU while the GPU works
+            prefetch = NoisePrefetch(draw)
+
+        def noise(step: int) -> torch.Tensor:
+            return (prefetch or draw)(step).to(device)
         kwargs.update(noise_fn=noise, t_last=float(protocol.get("t_last", 0.04)))
-    z = spec.fn(velocity, z1, **kwargs).float().cpu()
+    try:
+        z = spec.fn(velocity, z1, **kwargs).float().cpu()
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     return z[:, :math.prod(latent_shape)].reshape(-1, *latent_shape), y.cpu()
 
 

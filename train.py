@@ -794,17 +794,20 @@ def draw_step_noise(gen: torch.Generator, global_batch: int, sample_shape: tuple
 
 
 class NoisePrefetch:
-    """Draws step s+1's noise on a worker thread while step s runs on the device. The draws depend
-    only on (seed, step), so prefetching changes no number, only when the CPU does the work."""
+    """Draws step s+1's noise on a worker thread while step s runs on the device, so prefetching
+    changes no number, only when the CPU does the work. Every draw runs on the one worker in the
+    order asked for, so draws that advance generators (generate.py's per-sample streams, called
+    for steps 0, 1, 2...) come out as drawn in line; draws that depend only on (seed, step) may be
+    asked for in any order (a resume)."""
 
     def __init__(self, draw):
         from concurrent.futures import ThreadPoolExecutor
         self.draw, self.pool, self.pending = draw, ThreadPoolExecutor(1, thread_name_prefix="noise"), {}
 
-    def __call__(self, step: int) -> StepNoise:
-        future = self.pending.pop(step, None)
+    def __call__(self, step: int):
+        future = self.pending.pop(step, None) or self.pool.submit(self.draw, step)
         self.pending = {step + 1: self.pool.submit(self.draw, step + 1)}  # drops stale ones (resume)
-        return future.result() if future is not None else self.draw(step)
+        return future.result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -75,6 +75,19 @@ def test_samples_do_not_depend_on_batching_or_sharding(sampler):
     assert not torch.allclose(other_seed, whole)
 
 
+
+def test_sde_noise_drawn_ahead_on_a_thread_is_the_noise_drawn_in_line():
+    """What CUDA runs use by default: the same per-sample streams, step after step."""
+    import threading
+    model = LinearField(10)
+    protocol = {"sampler": "euler_maruyama", "num_steps": 12, "seed": 5, "labels": "balanced"}
+    threads = set(threading.enumerate())
+    inline, _ = sample_latents(model, range(7), (1, 2, 2), 10, protocol, prefetch_noise=False)
+    ahead, _ = sample_latents(model, range(7), (1, 2, 2), 10, protocol, prefetch_noise=True)
+    assert torch.equal(inline, ahead)
+    assert not [t for t in set(threading.enumerate()) - threads if t.name.startswith("noise")]
+
+
 def test_shard_indices_cover_everything_once():
     for n, w in ((10, 3), (7, 8), (1000, 4)):
         blocks = [list(shard_indices(n, r, w)) for r in range(w)]
