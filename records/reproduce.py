@@ -1,6 +1,6 @@
 """Reproduces a record: python -m records.reproduce records/<track>/<folder>  (what eval.sh runs).
 
-1. runs the validator's checks (records.validate, without re-scoring): schema, every artefact's
+1. runs the validator's checks (records.validate, re-scoring included): schema, every artefact's
    sha256, the code hash against the train.py embedded in the run log, budget, dataset, protocol;
 2. loads the checkpoint (safetensors only: anything that would unpickle code is refused), or with
    --retrain re-trains from the record's config (tracks marked retrain_allowed, e.g. digits) with
@@ -81,7 +81,7 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
     record_dir = Path(record_dir)
     root = Path(root or ROOT / "records")
     tracks_dir = root / "tracks"
-    valid, invalid = validate_tree(root, only=[record_dir])  # the same verdict as records.validate's
+    valid, invalid = validate_tree(root, rescore=True, only=[record_dir])  # the same verdict as records.validate's
     key = absolute_folder(record_dir)
     if key in invalid:
         raise RecordError(invalid[key])

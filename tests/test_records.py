@@ -50,6 +50,24 @@ def _edit(record_dir: Path, fn) -> None:
     path.write_text(json.dumps(data))
 
 
+def _set_runs(record_dir: Path, fn) -> None:
+    """Edits the per-seed metric runs (fn(runs) changes them in place) and re-syncs everything derived
+    from them, as a forger would: record.json's means, metrics.json and its sha256."""
+    import numpy as np
+    from preprocessing.shards import sha256_file
+    data = json.loads((record_dir / "record.json").read_text())
+    stored = json.loads((record_dir / "metrics.json").read_text())
+    fn(data["metric_runs"])
+    for name in data["metrics"]:
+        values = np.array([r["metrics"][name] for r in data["metric_runs"]])
+        data["metrics"][name] = stored["mean"][name] = float(values.mean())
+        stored["std"][name] = float(values.std(ddof=1))
+    stored["runs"] = data["metric_runs"]
+    (record_dir / "metrics.json").write_text(json.dumps(stored))
+    data["artefacts"]["evaluation"]["sha256"] = sha256_file(record_dir / "metrics.json")
+    (record_dir / "record.json").write_text(json.dumps(data))
+
+
 def test_a_track_run_writes_a_complete_record(tiny_record):
     base, _, record_dir = tiny_record
     assert record_dir.parent == base / "records" / "tiny" and record_dir.name.endswith("_first")
@@ -288,6 +306,19 @@ def test_validator_rejects_missing_and_pickled_artefacts_and_forged_samples(tiny
     assert code == 1 and "re-scoring samples.npz gives" in out
 
 
+def test_metrics_edited_consistently_are_refused_by_re_scoring_and_not_ranked(tiny_record, tmp_path, capsys):
+    record_dir = _into_tree(tiny_record, tmp_path)
+    # 0.1% more FID in every place that states it: only re-scoring the samples can tell
+    _set_runs(record_dir, lambda runs: [r["metrics"].update(fid=r["metrics"]["fid"] * (1 + 1e-3)) for r in runs])
+    code, out = _validate(record_dir, capsys, "--no-rescore")
+    assert code == 0, out
+    code, out = _validate(record_dir, capsys)
+    assert code == 1 and "field 'metric_runs.0.metrics.fid' is" in out and "re-scoring samples.npz gives" in out
+    text = leaderboard.render_markdown(tmp_path / "records")
+    assert "## Not ranked" in text and f"`tiny/{record_dir.name}`" in text.split("## Not ranked")[1]
+    assert not [line for line in text.splitlines() if line.startswith("| ") and "tiny/" in line]
+
+
 def test_validator_reports_broken_records_and_copies_and_goes_on(tiny_record, second_record, tmp_path, capsys):
     from preprocessing.shards import sha256_file
     first = _into_tree(tiny_record, tmp_path)
@@ -415,26 +446,14 @@ def test_validator_checks_the_files_behind_the_record(tiny_record, tmp_path, cap
 
 def test_significance_rule(tiny_record, second_record, tmp_path, capsys):
     from records import validate
-    from preprocessing.shards import sha256_file
     first = _into_tree(tiny_record, tmp_path)
     better = tmp_path / "records" / "tiny" / second_record.name
     shutil.copytree(second_record, better)
     first_runs = json.loads((first / "record.json").read_text())["metric_runs"]
 
     def set_fid(record_dir, delta):  # the first record's FIDs + delta (+ a little spread)
-        data = json.loads((record_dir / "record.json").read_text())
-        runs = [dict(r, metrics=dict(r["metrics"], fid=f["metrics"]["fid"] + delta + 0.01 * i))
-                for i, (r, f) in enumerate(zip(data["metric_runs"], first_runs))]
-        stored = json.loads((record_dir / "metrics.json").read_text())
-        import numpy as np
-        fids = np.array([r["metrics"]["fid"] for r in runs])
-        stored["runs"] = runs
-        stored["mean"]["fid"], stored["std"]["fid"] = float(fids.mean()), float(fids.std(ddof=1))
-        (record_dir / "metrics.json").write_text(json.dumps(stored))
-        data["metric_runs"] = runs
-        data["metrics"]["fid"] = float(fids.mean())
-        data["artefacts"]["evaluation"]["sha256"] = sha256_file(record_dir / "metrics.json")
-        (record_dir / "record.json").write_text(json.dumps(data))
+        _set_runs(record_dir, lambda runs: [r["metrics"].update(fid=f["metrics"]["fid"] + delta + 0.01 * i)
+                                            for i, (r, f) in enumerate(zip(runs, first_runs))])
     set_fid(better, -50.0)
     code, out = _validate(better, capsys, "--claim-record", "--no-rescore")
     assert code == 0 and "NEW RECORD" in out
