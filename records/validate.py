@@ -9,8 +9,10 @@ file's parameter count and embedded config are the record's; the code hash is th
 code embedded in the run log, whose config line and last lines (iterations, training time) agree
 with the record; the evaluation protocol is the track's; every seed of the protocol has a run with
 every metric the track lists, the stored evaluation output holds the same runs and the metrics are
-their mean; and, when the track's feature network is available locally, the first seed's samples
-are re-scored. No two records share a model or a sample file.
+their mean; and, when the track's feature network is available locally, every seed's samples are
+re-scored (within RESCORE_TOLERANCE: another CPU's float32 kernels round differently). No two
+seeds of a record share their samples, and no two records share a model (the same tensor values,
+whatever their dtype) or a sample batch (more than SHARED_IMAGES of its images, in any order).
 Then the significance rule: a one-sided Welch t-test on the primary metric's runs against the best
 earlier record of the track (with --claim-record: the best other record, whatever its date);
 --claim-record fails unless p is below the track's threshold.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -49,6 +52,12 @@ DEFAULT_SIGNIFICANCE = {"min_runs": 3, "p_value": 0.01}
 # counts ("points": 1.5 allows one, not two).
 RESCORE_TOLERANCE = {"rel": 1e-5, "abs": 1e-5, "points": 1.5}
 COUNTED_METRICS = {"precision": "samples", "recall": "reference"}  # the set whose fraction each is
+# Batches drawn from other noise (other evaluation seeds) share no image by chance: the committed
+# digits record's three batches of 1000 share none. From the same noise (one seed in two records of
+# a track), two close models can draw some identical images: two 6-iteration models of the tests'
+# 20-sample track drew 2 alike. Batches that share more than these fractions of their images are one
+# batch reused (for two seeds, or by two records), whatever was changed, reordered or re-compressed.
+SHARED_IMAGES = {"other noise": 0.01, "same noise": 0.5}
 
 
 FOLDER_NAME = re.compile(r"\d{4}-\d{2}-\d{2}_[A-Za-z0-9._-]+")  # write_record's names
@@ -69,8 +78,9 @@ def _sample_keys(record: dict) -> list[str]:
 
 def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
     """Checks an exported model file against the record (parameters, config, the architecture the
-    network is rebuilt from, the track) and returns the sha256 of its tensors (not of the file: a
-    re-saved copy of the same weights is the same model)."""
+    network is rebuilt from, the track) and returns the sha256 of its tensors' names, shapes and
+    values (not of the file, nor of the dtypes: a re-saved copy of the same weights, or one stored
+    as float64, loads as the same model)."""
     import dataclasses
     import hashlib
 
@@ -83,8 +93,9 @@ def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
             for name in sorted(fh.keys()):
                 tensor = fh.get_tensor(name)
                 count += tensor.size
-                digest.update(f"{name}|{tensor.dtype.str}|{tensor.shape}|".encode())
-                digest.update(np.ascontiguousarray(tensor).tobytes())
+                canonical = np.float64 if np.issubdtype(tensor.dtype, np.floating) else np.int64
+                digest.update(f"{name}|{tensor.shape}|".encode())
+                digest.update(np.ascontiguousarray(tensor, dtype=canonical).tobytes())
         embedded = json.loads(metadata["config"])
         options = json.loads(metadata["options"])
     except Exception as e:  # a corrupt header, missing metadata
@@ -110,17 +121,36 @@ def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
     return digest.hexdigest()
 
 
-def _samples_digest(path: Path) -> str:
-    """sha256 of a sample batch's images (arr_0), whatever the zip around them."""
+def _image_digests(path: Path) -> frozenset[bytes]:
+    """A digest of each image of a sample batch (arr_0), whatever the zip around them and their
+    order; read in chunks, so a 50K batch is never in memory at once."""
     import hashlib
 
     from evaluations.npz import NpzArrayReader
-    digest = hashlib.sha256()
+    digests = set()
     with NpzArrayReader(path) as reader:
-        digest.update(f"{reader.dtype.str}|{reader.shape}|".encode())
         for start in range(0, len(reader), 4096):
-            digest.update(reader.read(start, start + 4096).tobytes())
-    return digest.hexdigest()
+            for image in reader.read(start, start + 4096):
+                digests.add(hashlib.blake2b(f"{image.dtype.str}|{image.shape}|".encode() + image.tobytes(),
+                                            digest_size=16).digest())
+    return frozenset(digests)
+
+
+def _shared_batches(batches: dict[tuple[Path, str], frozenset]) -> list[tuple]:
+    """(a, b, images shared) for every two batches ({(record folder, artefact key): image digests})
+    that share more than SHARED_IMAGES of the smaller one's images (the same key: the same noise)."""
+    from collections import Counter
+    holders: dict[bytes, list] = {}
+    for label, images in batches.items():
+        for image in images:
+            holders.setdefault(image, []).append(label)
+    shared = Counter(pair for labels in holders.values() for pair in itertools.combinations(labels, 2))
+    found = []
+    for (a, b), n in shared.items():
+        limit = SHARED_IMAGES["same noise" if a[1] == b[1] else "other noise"]
+        if n > limit * min(len(batches[a]), len(batches[b])):
+            found.append((a, b, n))
+    return found
 
 
 def _logged(written: str, key: str) -> list[str]:
@@ -221,7 +251,8 @@ def _check_evaluation_output(where: Path, stored, record: dict, track: dict) -> 
 def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) -> dict:
     """Every check that needs no training or sampling. Raises RecordError naming the field.
     Returns the record with "_unchecked" (what could not be checked here) and "_content" (the
-    sha256 of its model's tensors and of each sample batch's images: what twins share)."""
+    digest of its model's tensors, "model", and each sample batch's image digests, "samples":
+    what twins share)."""
     record_dir = Path(record_dir)
     where = record_dir / "record.json"
     try:
@@ -243,7 +274,7 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
         raise RecordError(f"{record_dir}: record folders are named records/<track>/<date>_<slug> with "
                           "letters, digits, '.', '_' and '-' only")
     record = check_record(record_dir)  # schema, checksums, safetensors only, code hash vs log
-    unchecked, content = [], {}
+    unchecked, content = [], {"samples": {}}
     try:
         date = datetime.date.fromisoformat(record["date"])
     except ValueError as e:
@@ -302,12 +333,18 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
     except ValueError as e:
         raise RecordError(f"{where}: artefact evaluation is not valid JSON: {e}") from None
     _check_evaluation_output(where, stored, record, track)
+    for key in _sample_keys(record):
+        samples = artefact_path(record_dir, record, key)
+        if samples is not None:
+            content["samples"][key] = _image_digests(samples)
+    for (_, a), (_, b), shared in _shared_batches({(record_dir, k): v for k, v in content["samples"].items()}):
+        raise RecordError(f"{where}: artefacts {a} and {b} share {shared} images: one sample batch serves two "
+                          "evaluation seeds (another seed draws other noise, so other images)")
     local_scoring = track["evaluation"]["feature_network"] in LOCAL_FEATURE_NETWORKS
     for i, key in enumerate(_sample_keys(record)):
         samples = artefact_path(record_dir, record, key)
         if samples is None:
             continue
-        content[key] = _samples_digest(samples)
         if rescore and local_scoring:  # every seed's samples score as recorded
             from evaluations.evaluate import evaluate_samples
             try:
@@ -359,9 +396,10 @@ def absolute_folder(path: Path) -> Path:
 def validate_tree(root: Path, rescore: bool = False, tracks_dir: Path | None = None,
                   only: list[Path] | None = None) -> tuple[dict, dict]:
     """Every record of a records tree (or `only` these, judged against the whole tree):
-    ({folder: record} valid, {folder: reason} invalid). Records that share a model or sample
-    batch (the same tensors or images, whatever their files' bytes) are all invalid: which one is
-    the original is for the repository's history to say."""
+    ({folder: record} valid, {folder: reason} invalid). Records that share a model (the same
+    tensor values, whatever their files' bytes or dtypes) or a sample batch (more than
+    SHARED_IMAGES of its images, whatever their order) are all invalid: which one is the original
+    is for the repository's history to say."""
     root = Path(root)
     tracks_dir = Path(tracks_dir) if tracks_dir else root / "tracks"
     checked = {absolute_folder(f) for f in only} if only is not None else None
@@ -372,15 +410,24 @@ def validate_tree(root: Path, rescore: bool = False, tracks_dir: Path | None = N
             valid[folder] = validate_record(folder, tracks_dir, rescore=deep) | {"_folder": folder.name}
         except RecordError as e:
             invalid[folder] = str(e)
-    owners: dict[str, list[Path]] = {}
+    shares: dict[Path, dict[Path, list[str]]] = {}  # folder -> the other record -> what they share
+    models: dict[str, list[Path]] = {}
     for folder, record in valid.items():
-        for digest in set(record["_content"].values()):
-            owners.setdefault(digest, []).append(folder)
-    for folders in owners.values():
-        for folder in folders:
-            if len(folders) > 1 and folder in valid:
-                others = ", ".join(sorted(f.name for f in folders if f != folder))
-                invalid[folder] = f"its model or samples are the same as record {others}'s"
+        if "model" in record["_content"]:
+            models.setdefault(record["_content"]["model"], []).append(folder)
+    for folders in models.values():
+        for a, b in itertools.permutations(folders, 2):
+            shares.setdefault(a, {}).setdefault(b, []).append(f"the model is {b.name}'s")
+    batches = {(folder, key): images for folder, record in valid.items()
+               for key, images in record["_content"]["samples"].items()}
+    for (a, key_a), (b, key_b), n in _shared_batches(batches):
+        if a != b:  # within a record, validate_record has refused them
+            shares.setdefault(a, {}).setdefault(b, []).append(f"{n} images of {key_a} are in {b.name}'s {key_b}")
+            shares.setdefault(b, {}).setdefault(a, []).append(f"{n} images of {key_b} are in {a.name}'s {key_a}")
+    for folder, others in shares.items():
+        names = ", ".join(sorted(other.name for other in others))
+        invalid[folder] = (f"its model or samples are the same as record {names}'s: "
+                           + "; ".join(what for _, whats in sorted(others.items()) for what in whats))
     for folder in invalid:
         valid.pop(folder, None)
     return valid, invalid

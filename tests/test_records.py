@@ -359,6 +359,63 @@ def test_validator_reports_broken_records_and_copies_and_goes_on(tiny_record, se
     assert code == 1 and "is a symlink" in out
 
 
+def test_validator_finds_a_copy_stored_in_another_dtype_and_order(tiny_record, tmp_path, capsys):
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from preprocessing.shards import sha256_file
+    from records import validate
+    first = _into_tree(tiny_record, tmp_path)
+    twin = first.with_name(first.name + "-mine")
+    shutil.copytree(first, twin)
+    # a float32 tensor stored as float64 (it loads as the same values) and two images swapped
+    with safe_open(str(twin / "model.safetensors"), framework="np") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(twin / "model.safetensors"))
+    name = next(k for k, v in sorted(tensors.items()) if v.dtype == np.float32)
+    save_file(tensors | {name: tensors[name].astype(np.float64)}, str(twin / "model.safetensors"), metadata=meta)
+    with np.load(twin / "samples_seed1.npz") as f:
+        arrays = dict(f)
+    assert not np.array_equal(arrays["arr_0"][0], arrays["arr_0"][1])
+    arrays["arr_0"][[0, 1]] = arrays["arr_0"][[1, 0]]
+    np.savez(twin / "samples_seed1.npz", **arrays)
+    _edit(twin, lambda d: [d["artefacts"][k].update(sha256=sha256_file(twin / n))
+                           for k, n in (("model", "model.safetensors"), ("samples_seed1", "samples_seed1.npz"))])
+    code, out = _validate(twin, capsys, "--no-rescore")  # a swap changes IS and KD: not re-scored here
+    assert code == 1 and f"the same as record {first.name}'s: the model is {first.name}'s" in out, out
+    assert f"20 images of samples_seed1 are in {first.name}'s samples_seed1" in out
+    code, out = _validate(first, capsys, "--no-rescore")
+    assert code == 1 and f"the same as record {twin.name}'s" in out
+    # each alone is enough: the same tensor values, the same images
+    [a, b] = [validate.validate_record(r, tmp_path / "records" / "tracks", rescore=False)["_content"]
+              for r in (first, twin)]
+    assert a["model"] == b["model"] and a["samples"]["samples_seed1"] == b["samples"]["samples_seed1"]
+
+
+def test_shared_images_are_judged_by_whether_the_batches_drew_the_same_noise():
+    from records.validate import _shared_batches
+    a = frozenset(range(100))
+    close = frozenset(range(90, 190))  # 10 of 100 alike: two close models from the same noise can draw that
+    assert _shared_batches({("A", "samples"): a, ("B", "samples"): close}) == []
+    assert _shared_batches({("A", "samples"): a, ("A", "samples_seed1"): close}) == [
+        (("A", "samples"), ("A", "samples_seed1"), 10)]  # other noise: a reused batch
+    assert _shared_batches({("A", "samples"): a, ("B", "samples"): frozenset(range(40, 140))}) == [
+        (("A", "samples"), ("B", "samples"), 60)]
+
+
+def test_validator_refuses_one_sample_batch_for_every_seed(tiny_record, tmp_path, capsys):
+    from preprocessing.shards import sha256_file
+    record_dir = _into_tree(tiny_record, tmp_path)
+    for key in ("samples_seed1", "samples_seed2"):
+        shutil.copy(record_dir / "samples.npz", record_dir / f"{key}.npz")
+        _edit(record_dir, lambda d: d["artefacts"][key].update(sha256=sha256_file(record_dir / f"{key}.npz")))
+    # every seed's numbers are the first one's, as re-scoring the reused batch gives them
+    _set_runs(record_dir, lambda runs: [r.update(metrics=dict(runs[0]["metrics"])) for r in runs])
+    code, out = _validate(record_dir, capsys)
+    assert code == 1 and "artefacts samples and samples_seed1 share 20 images" in out, out
+
+
 def test_validator_checks_the_files_behind_the_record(tiny_record, tmp_path, capsys):
     import numpy as np
     from safetensors import safe_open
