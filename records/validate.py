@@ -7,7 +7,8 @@ track exists and the folder sits under it; the dataset block is the track's and 
 manifest the one the track pins; the budget (iterations x global batch) is the track's; the model
 file's parameter count and embedded config are the record's; the code hash is the sha256 of the
 code embedded in the run log, whose config line and last lines (iterations, training time) agree
-with the record; the evaluation protocol is the track's; every seed of the protocol has a run with
+with the record, and whose step lines go forward in time within each leg of the run and end at the
+'training done' line's step and time; the evaluation protocol is the track's; every seed of the protocol has a run with
 every metric the track lists, the stored evaluation output holds the same runs and the metrics are
 their mean; and, when the track's feature network is available locally, every seed's samples are
 re-scored (within RESCORE_TOLERANCE: another CPU's float32 kernels round differently). No two
@@ -61,6 +62,8 @@ SHARED_IMAGES = {"other noise": 0.01, "same noise": 0.5}
 
 
 FOLDER_NAME = re.compile(r"\d{4}-\d{2}-\d{2}_[A-Za-z0-9._-]+")  # write_record's names
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) .* train_time:([0-9.]+)s ", re.M)  # train.py's step log lines
+RESUMED_LINE = re.compile(r"^resumed from .*$", re.M)  # where a resumed run's next leg starts
 TRACK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -185,6 +188,7 @@ def _check_log(where: Path, log_text: str, record: dict) -> None:
     if iterations != record["iterations"]:
         raise RecordError(f"{where}: field 'iterations' is {record['iterations']}, the run log trained "
                           f"{iterations}")
+    _check_steps(where, log_text, iterations, seconds)
     clock = record["wall_clock"]
     scored = re.findall(r"^sample_seconds:([0-9.]+) eval_seconds:([0-9.]+)$",
                         "\n".join(_logged(log_text, "evaluation done")), re.M)
@@ -194,6 +198,25 @@ def _check_log(where: Path, log_text: str, record: dict) -> None:
                                ("eval_seconds", float(scored[-1][1]))):
         if abs(logged_value - clock[name]) > 0.051:  # the log prints 0.1 s
             raise RecordError(f"{where}: field 'wall_clock.{name}' is {clock[name]}, the run log says {logged_value}")
+
+
+def _check_steps(where: Path, log_text: str, iterations: int, seconds: float) -> None:
+    """The step lines go forward in steps and training time within each leg of the run (a resumed
+    leg goes on from its checkpoint's step and time, which may be earlier than the last line the
+    interrupted leg wrote), and the last one is the 'training done' line's step and time (both
+    print the same training seconds to 0.1 s)."""
+    legs = [[(int(step), int(total), float(clock)) for step, total, clock in STEP_LINE.findall(leg)]
+            for leg in RESUMED_LINE.split(log_text)]
+    for leg in legs:
+        for (step, _, clock), (later, _, later_clock) in zip(leg, leg[1:]):
+            if later <= step or later_clock < clock:
+                raise RecordError(f"{where}: the run log's step lines go back: step:{later} train_time:{later_clock}s "
+                                  f"after step:{step} train_time:{clock}s")
+    steps = [line for leg in legs for line in leg]
+    if not steps or steps[-1] != (iterations, iterations, seconds):
+        last = "none" if not steps else "step:{}/{} train_time:{}s".format(*steps[-1])
+        raise RecordError(f"{where}: the run log's 'training done' line ({iterations} iterations, "
+                          f"train_time:{seconds}s) is not its last step line ({last})")
 
 
 def _check_derived(where: Path, record: dict) -> None:

@@ -416,6 +416,45 @@ def test_validator_refuses_one_sample_batch_for_every_seed(tiny_record, tmp_path
     assert code == 1 and "artefacts samples and samples_seed1 share 20 images" in out, out
 
 
+def test_validator_checks_the_training_time_against_the_log_s_step_lines(tiny_record, tmp_path, capsys):
+    import re
+
+    from preprocessing.shards import sha256_file
+    record_dir = _into_tree(tiny_record, tmp_path)
+    log = (record_dir / "train.log").read_text()
+    [done] = re.findall(r"^training done: 6 iterations, train_time:([0-9.]+)s$", log, re.M)
+    assert re.search(rf"^step:6/6 .* train_time:{done}s ", log, re.M)  # the last step line's time
+
+    def claim(text: str, seconds: float) -> None:  # the log and every number derived from its time
+        (record_dir / "train.log").write_text(text)
+        _edit(record_dir, lambda d: (
+            d["wall_clock"].update(train_seconds=seconds, total_seconds=round(
+                seconds + d["wall_clock"]["sample_seconds"] + d["wall_clock"]["eval_seconds"], 2)),
+            d["throughput"].update(iterations_per_second=round(6 / seconds, 3),
+                                   images_per_second=round(6 * 16 / seconds, 1)),
+            d["artefacts"]["log"].update(sha256=sha256_file(record_dir / "train.log"))))
+    faster = float(done) / 2
+    claim(log.replace(f"train_time:{done}s\n", f"train_time:{faster}s\n"), faster)
+    code, out = _validate(record_dir, capsys, "--no-rescore")
+    assert code == 1 and (f"the run log's 'training done' line (6 iterations, train_time:{faster}s) is not its "
+                          f"last step line (step:6/6 train_time:{float(done)}s)") in out, out
+    # a step line edited: the training time goes back after it
+    earlier = re.findall(r"^step:4/6 .* train_time:([0-9.]+)s ", log, re.M)[0]
+    claim(re.sub(rf"(step:4/6 .* train_time:){earlier}s ", rf"\g<1>{float(earlier) + 100}s ", log), float(done))
+    code, out = _validate(record_dir, capsys, "--no-rescore")
+    assert code == 1 and f"step lines go back: step:6 train_time:{float(done)}s after step:4" in out, out
+
+
+def test_step_lines_may_start_again_from_a_checkpoint_in_a_resumed_leg():
+    from records.validate import _check_steps
+    legs = ["step:2/6 loss:1 train_time:1.0s elapsed:1.0s", "step:4/6 loss:1 train_time:2.0s elapsed:2.0s",
+            "resumed from step_00000002.safetensors at step 2",  # a crash after step 4: its checkpoint was step 2's
+            "step:4/6 loss:1 train_time:1.9s elapsed:0.9s", "step:6/6 loss:1 train_time:2.9s elapsed:1.9s"]
+    _check_steps(Path("record.json"), "\n".join(legs) + "\n", 6, 2.9)
+    with pytest.raises(RecordError, match=r"go back: step:4 train_time:1.9s after step:4 train_time:2.0s"):
+        _check_steps(Path("record.json"), "\n".join(legs[:2] + legs[3:]) + "\n", 6, 2.9)
+
+
 def test_validator_checks_the_files_behind_the_record(tiny_record, tmp_path, capsys):
     import numpy as np
     from safetensors import safe_open
