@@ -8,12 +8,13 @@ manifest the one the track pins; the budget (iterations x global batch) is the t
 file's parameter count and embedded config are the record's; the code hash is the sha256 of the
 code embedded in the run log, whose config line and last lines (iterations, training time) agree
 with the record, and whose step lines go forward in time within each leg of the run and end at the
-'training done' line's step and time; the evaluation protocol is the track's; every seed of the protocol has a run with
-every metric the track lists, the stored evaluation output holds the same runs and the metrics are
-their mean; and, when the track's feature network is available locally, every seed's samples are
-re-scored (within RESCORE_TOLERANCE: another CPU's float32 kernels round differently). No two
-seeds of a record share their samples, and no two records share a model (the same tensor values,
-whatever their dtype) or a sample batch (more than SHARED_IMAGES of its images, in any order).
+'training done' line's step and time; the evaluation protocol is the track's; every seed of the
+protocol has a run with every metric the track lists, the stored evaluation output holds the same
+runs and the metrics are their mean; and, when the track's feature network is available locally,
+every seed's samples are re-scored (within RESCORE_TOLERANCE: another CPU's float32 kernels round
+differently). No two seeds of a record share their samples, and no two records share a model (the
+same tensor values, whatever their dtype) or a sample batch (more than SHARED_IMAGES of its
+images, in any order).
 Then the significance rule: a one-sided Welch t-test on the primary metric's runs against the best
 earlier record of the track (with --claim-record: the best other record, whatever its date);
 --claim-record fails unless p is below the track's threshold.
