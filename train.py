@@ -1529,8 +1529,8 @@ def differs_from_definition(track: dict, records_dir: Path) -> str:
     """What a track file given by path changes in the definition of the track it names, which
     records.validate will judge its record by ('' when nothing, or when no definition exists):
     a copy of digits.json with a smaller budget must not write a digits record."""
-    from records.leaderboard import _tracks_dir
-    path = _tracks_dir(records_dir) / f"{track['name']}.json"
+    from records.leaderboard import tracks_dir_of
+    path = tracks_dir_of(records_dir) / f"{track['name']}.json"
     if not path.is_file():
         return ""
     definition = json.loads(path.read_text())
