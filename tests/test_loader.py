@@ -159,3 +159,21 @@ def test_bad_arguments_and_missing_latents(synthetic, tmp_path):
     assert batch.latents is None and tuple(batch.images.shape) == (2, 4, 4, 3)
     with pytest.raises(ShardFormatError, match="missing file"):
         ShardLoader(tmp_path / "nowhere", "train", 2, seed=0)
+
+
+def test_atomic_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """What makes a checkpoint or record survive a power cut: the data, then the rename."""
+    import os
+    import stat
+
+    from preprocessing.shards import atomic_write
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        mode = os.fstat(fd).st_mode
+        synced.append(("folder" if stat.S_ISDIR(mode) else "file", (tmp_path / "f.bin").exists()))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(tmp_path / "f.bin", lambda tmp: tmp.write_bytes(b"x"))
+    assert synced == [("file", False), ("folder", True)]
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
