@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import traceback
 import sys
 import time
 from pathlib import Path
@@ -78,8 +79,13 @@ def attention_rows(args, device) -> list[list[str]]:
 
         def fwd_bwd(fn=fn):
             torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-        timings = [per_call_us(f, device, args.reps, args.warmup) for f in (fwd, fwd_bwd)]
-        graphed = [measure_graphed_ms(f, device) for f in (fwd, fwd_bwd)]
+        try:
+            timings = [per_call_us(f, device, args.reps, args.warmup) for f in (fwd, fwd_bwd)]
+            graphed = [measure_graphed_ms(f, device) for f in (fwd, fwd_bwd)]
+        except Exception as e:  # one broken row (a compile error) must not cost the others
+            traceback.print_exc()
+            rows.append([name, f"failed: {type(e).__name__}: {str(e)[:120]}", "", "", ""])
+            continue
         rows.append([name, fmt(timings[0]), fmt(graphed[0] and 1e3 * graphed[0]),
                      fmt(timings[1]), fmt(graphed[1] and 1e3 * graphed[1])])
     return rows

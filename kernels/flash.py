@@ -57,7 +57,9 @@ def _rope_args(rope, q: torch.Tensor):
 def autotune_requested() -> bool:
     """Compiled attention kernels are autotuned unless KERNELS_AUTOTUNE=0. Read by the public
     functions at every call and passed to the operators as an argument, so that under
-    torch.compile the choice is a constant of the graph and part of its cache key."""
+    torch.compile the choice is a constant of the graph and part of its on-disk cache key. Dynamo
+    installs no guard on the environment: a function already compiled in this process keeps the
+    value it was traced with (set it before compiling, or torch._dynamo.reset())."""
     return os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 

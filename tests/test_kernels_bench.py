@@ -6,6 +6,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,17 +65,27 @@ def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatc
     import json
     mod = load_benchmark("bench_gpu_step")
     out = tmp_path / "step.json"
+    public = tmp_path / "public_step.py"  # stands in for benchmarks/public_srdit_step.py's output line
+    public.write_text("print('SRDIT_PUBLIC ms_per_step=250.0 steps=2')\n")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # main() sets it for --device cpu; restored after
     assert mod.main(["--device", "cpu", "--model", "SiT-S/1", "--batch", "2", "--steps", "2",
                      "--warmup", "1", "--variants", "torch,torch+nondeterministic",
-                     "--json", str(out)]) == 0
+                     "--json", str(out), "--public", str(public)]) == 0
     text = capsys.readouterr().out
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["train.py torch", "train.py torch+nondeterministic"]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert [r["variant"] for r in rows] == ["train.py torch", "train.py torch+nondeterministic",
+                                            "public SR-DiT code (mean of steps)"]
     assert all("error" not in r for r in rows), rows
     assert rows[1]["loss_rel_diff"] < 1e-6 and rows[0]["ms"] > 0
     assert "| train.py torch | " in text
-    assert json.loads(out.read_text())["flops_per_step"] > 0
+    assert results["flops_per_step"] > 0
+    # timed before our variants (a time limit cuts those), its MFU from the FLOPs counted on them
+    assert text.index('"variant": "public SR-DiT code') < text.index('"variant": "train.py torch"')
+    assert rows[2]["ms"] == 250.0 and rows[2]["images_per_s"] == 2 / 0.25
+    # (on a CPU there is no matmul peak: NaN, as in our rows)
+    np.testing.assert_equal(rows[2]["mfu"], results["flops_per_step"] / 0.25 / (results["matmul_peak_tflops"] * 1e12))
+    assert mod.cudagraph_skips() >= 0  # the counter a +cudagraphs row reports exists in this torch
 
 
 def test_training_step_variants_are_checked_before_anything_is_built():
@@ -100,3 +111,13 @@ def test_host_overhead_benchmark_times_every_call_path(monkeypatch, capsys):
     for name in names:
         fwd, _, fwd_bwd, _ = rows[name]
         assert float(fwd) > 0 and float(fwd_bwd) > float(fwd) * 0.5, rows[name]
+
+    # a row that fails (a compile error on a GPU) is reported as such; the others are still measured
+    def broken(*args):
+        raise RuntimeError("no kernel for you")
+    monkeypatch.setattr(mod.flash.ATTENTION, "opaque", broken)
+    mod.main(["--device", "cpu", "--batch", "1", "--heads", "2", "--seq", "17", "--head_dim", "32",
+              "--reps", "2", "--warmup", "1"])
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["same launchers, opaque custom operators"][0].startswith("failed: RuntimeError: no kernel for you")
+    assert float(rows["SDPA default choice"][0]) > 0
