@@ -131,24 +131,9 @@ def atomic_write(path: PathLike, write_fn) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """A rename survives a power cut only once its folder's entry is on disk too (POSIX);
-    where a folder cannot be opened or synced (some filesystems, Windows) the rename stands as is."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _shard_file(split: str, kind: str, index: int) -> str:
@@ -234,6 +219,8 @@ def swap_into_place(staging: Path, out_dir: Path, tag: str) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """A rename survives a power cut only once its folder's entry is on disk too (POSIX);
+    where a folder cannot be opened or synced (some filesystems, Windows) the rename stands as is."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
