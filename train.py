@@ -406,7 +406,8 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
 
 
-def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False) -> str:
+def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False,
+                compiled: bool = False, autocast_dtype: torch.dtype | None = None) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
     used. auto: torch, the faster path as measured (benchmarks/RESULTS_GPU.md, H200): the step was
     host-bound and the kernels, called through torch.library operators, cost more host time than
@@ -415,28 +416,35 @@ def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_atten
     ~20 ms between calls). Eager calls now skip the operators and compiled graphs launch the
     kernels from inductor's code (kernels/_ops.py); auto stays torch until that is measured.
     triton: the kernels; refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
-    head_dim 72 with RoPE or QK-norm) and, on a GPU, when kernels.selfcheck fails (a broken kernel
-    build must not train). Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's fused
-    backends, or with flash_attention=True the Triton flash kernel, and with RMSNorm the blocks'
-    modulated norms are the fused kernels. The same with --compile true (the kernels trace into
-    the compiled graph), except the modulated norms, which inductor fuses faster itself."""
+    head_dim 72 with RoPE or QK-norm), when kernels.selfcheck fails on the device (a broken kernel
+    build, or no Triton, must not train) and on CPU under bf16 autocast (the interpreter has no
+    bf16). Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's fused backends, or
+    with flash_attention=True the Triton flash kernel, and with RMSNorm the blocks' modulated
+    norms are the fused kernels. The same when compiled (the kernels trace into the graph),
+    except the modulated norms, which inductor fuses faster itself. A model with nothing the
+    kernels fuse (no RoPE, QK-norm or flash kernel; no RMSNorm, or compiled) runs the torch path,
+    and 'torch' is what is returned (and logged)."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
     backend = "torch" if choice == "auto" else choice
+    opts = getattr(model, "opts", ModelOptions())
+    # attention reaches a kernel only with RoPE or QK-norm to fuse, or the flash kernel
+    attends = flash_attention or opts.rope or opts.qk_norm
+    if backend == "triton" and not attends and (opts.norm != "rmsnorm" or compiled):
+        backend = "torch"  # nothing to fuse: what runs is what is reported
     if backend == "triton":
         import kernels
-        opts = getattr(model, "opts", ModelOptions())
-        # attention reaches a kernel only with RoPE or QK-norm to fuse, or the flash kernel
-        attends = flash_attention or opts.rope or opts.qk_norm
         shapes = {(m.heads * m.head_dim, m.head_dim if attends else None)
                   for m in model.modules() if isinstance(m, Attention)}
         problem = next((p for p in (kernels.unsupported_model_shape(*s) for s in shapes) if p), None)
         if problem:
             raise ConfigError(f"--kernels triton cannot run this model: {problem} (use torch)")
-        if device.type == "cuda":
-            ok, why = kernels.selfcheck(device)
-            if not ok:
-                raise ConfigError(f"--kernels triton: the kernels' self-check failed on {device}: {why}")
+        if device.type == "cpu" and autocast_dtype == torch.bfloat16:
+            raise ConfigError("--kernels triton on CPU runs the Triton interpreter, which has no bf16: use "
+                              "--mixed_precision no, or --kernels torch")
+        ok, why = kernels.selfcheck(device)
+        if not ok:
+            raise ConfigError(f"--kernels triton: the kernels' self-check failed on {device}: {why}")
     for module in model.modules():
         if isinstance(module, (Attention, SiTBlock)):
             module.backend = backend
@@ -1260,7 +1268,11 @@ def train(cfg: Config) -> dict:
         if cfg.repa_coef > 0 and probe.shape[1] != model.num_patches:
             raise ConfigError(f"REPA: the teacher gives {probe.shape[1]} patch tokens, {cfg.model} has "
                               f"{model.num_patches}; choose a patch size that matches")
-    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device)
+    kernel_backend = set_kernels(model, cfg.kernels, accelerator.device, compiled=cfg.compile,
+                                 autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None)
+    if cfg.kernels == "triton" and kernel_backend == "torch" and is_main:
+        print("[train] --kernels triton: this model has nothing the kernels fuse (no RoPE, QK-norm or "
+              "RMSNorm outside torch.compile); it runs, and logs, the torch path", flush=True)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     n_params = count_parameters(model)
     cap = track.get("parameter_cap")

@@ -118,7 +118,7 @@ class SRDiTStep:
         torch.manual_seed(cfg.seed)
         teacher = train.DinoV2Teacher(track["dataset"]["resolution"], random_init=True).to(device)
         net = train.build_model(cfg, track, teacher.dims)
-        self.backend = train.set_kernels(net, kernels, device, flash_attention="flash" in extras)
+        self.backend = train.set_kernels(net, kernels, device, flash_attention="flash" in extras, compiled=compile)
         self.n_params = train.count_parameters(net)
         ema = copy.deepcopy(net).requires_grad_(False).eval()
         optimizer = train.make_optimizer(cfg, net, device)

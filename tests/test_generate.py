@@ -126,7 +126,7 @@ def test_generate_cli_names_the_track_and_settings_it_cannot_use(tmp_path, capsy
     import json
 
     import train
-    cfg = train.Config(model="SiT-Digits/2", track="digits")
+    cfg = train.Config(model="SiT-Digits/2", track="digits", rope=True)  # RoPE: a kernel would run
     track = train.load_track("digits")
     model = train.build_model(cfg, track)
     train.export_model(tmp_path / "model.safetensors", model, cfg, track | {"name": "my_track"})

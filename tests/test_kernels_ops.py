@@ -433,20 +433,34 @@ def test_strided_norm_weights_and_malformed_rope_tables():
 
 def test_trainer_chooses_kernels_the_model_can_use(monkeypatch):
     """SiT-XL's head_dim 72 has no attention kernel: --kernels triton says so up front; without
-    RoPE/QK-norm the attention needs no kernel; on a GPU a failed self-check refuses the run."""
+    RoPE/QK-norm the attention needs no kernel; a model with nothing to fuse runs and reports
+    torch; a failed self-check (a GPU's build, or no Triton) and bf16 on the CPU interpreter
+    refuse the run."""
     class OneLayer(torch.nn.Module):
         def __init__(self, **opts):
             super().__init__()
             self.opts = train.ModelOptions(**opts)
             self.attn = train.Attention(144, 2, self.opts, mixes_values=False)  # head_dim 72
+
+    def backends(model):
+        return {m.backend for m in model.modules() if hasattr(m, "backend")}
     with pytest.raises(train.ConfigError, match="head_dim 72 not in"):
         train.set_kernels(OneLayer(rope=True), "triton", torch.device("cpu"))
-    assert train.set_kernels(OneLayer(), "triton", torch.device("cpu")) == "triton"
+    model = OneLayer(norm="rmsnorm")
+    assert train.set_kernels(model, "triton", torch.device("cpu")) == "triton" and backends(model) == {"triton"}
+    for model, compiled in ((OneLayer(), False), (OneLayer(norm="rmsnorm"), True)):  # nothing a kernel fuses
+        assert train.set_kernels(model, "triton", torch.device("cpu"), compiled=compiled) == "torch"
+        assert backends(model) == {"torch"}
+    with pytest.raises(train.ConfigError, match="the Triton interpreter, which has no bf16"):
+        train.set_kernels(OneLayer(norm="rmsnorm"), "triton", torch.device("cpu"), autocast_dtype=torch.bfloat16)
     monkeypatch.setattr(kernels, "selfcheck", lambda device: (True, "ok"))  # as on a working GPU
-    assert train.set_kernels(OneLayer(), "triton", torch.device("cuda")) == "triton"
+    assert train.set_kernels(OneLayer(norm="rmsnorm"), "triton", torch.device("cuda")) == "triton"
     monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "ptxas failed"))
     with pytest.raises(train.ConfigError, match="self-check failed on cuda: ptxas failed"):
-        train.set_kernels(OneLayer(), "triton", torch.device("cuda"))
+        train.set_kernels(OneLayer(norm="rmsnorm"), "triton", torch.device("cuda"))
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "triton is not importable"))
+    with pytest.raises(train.ConfigError, match="self-check failed on cpu: triton is not importable"):
+        train.set_kernels(OneLayer(norm="rmsnorm"), "triton", torch.device("cpu"))
 
 
 def test_selfcheck_catches_swapped_norm_weight_gradients(monkeypatch):
