@@ -445,15 +445,39 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
         loaded = [np.load(p) for p in parts]
         all_images = np.concatenate([f["arr_0"] for f in loaded])
         all_labels = np.concatenate([f["arr_1"] for f in loaded])
-        write_samples_npz(out_path, all_images, all_labels)
-        for p in parts:
-            p.unlink()
+        try:
+            write_samples_npz(out_path, all_images, all_labels)
+        finally:  # written or not, the parts are not an output
+            for p in parts:
+                p.unlink(missing_ok=True)
         if grid_path is not None:
             from PIL import Image
-            Image.fromarray(protocol_grid(all_images, track, protocol)).save(Path(grid_path))
+
+            from preprocessing.shards import atomic_write
+            grid = Image.fromarray(protocol_grid(all_images, track, protocol))
+            atomic_write(Path(grid_path), lambda tmp: grid.save(tmp, format=_image_format(Path(grid_path))))
     if accelerator:
         accelerator.wait_for_everyone()
     return out_path
+
+
+def _image_format(path: Path) -> str:
+    """PIL's format for a file name's extension (ValueError naming the file when it has none PIL knows)."""
+    from PIL import Image
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"grid {path}: {path.suffix or 'no extension'} is not an image format (use .png)")
+    return fmt
+
+
+def check_model_fits_track(meta: dict, track: dict) -> None:
+    """A model samples a track only with the latent shape and classes it was trained on (else it
+    fails deep in its forward, or samples labels it has no embedding for)."""
+    channels, size, _ = track["dataset"]["latent_shape"]
+    wanted = {"in_channels": channels, "input_size": size, "num_classes": track["dataset"]["num_classes"]}
+    differ = [f"{k} {meta.get(k)} (the track's: {v})" for k, v in wanted.items() if int(meta.get(k, -1)) != v]
+    if differ:
+        raise ValueError(f"the model was trained for other data than track {track['name']!r}: {', '.join(differ)}")
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -504,6 +528,16 @@ def main(argv: Optional[list] = None) -> int:
                 "path_drop_guidance", "labels", "seed"):
         if getattr(args, key) is not None:
             protocol[key] = getattr(args, key)
+    protocol.pop("eval_seeds", None)  # one batch, of protocol["seed"]
+    try:  # before any sampling: what cannot be written or run
+        from preprocessing.shards import check_output_file
+        check_output_file(args.out)
+        if args.grid:
+            _image_format(check_output_file(args.grid))
+        check_model_fits_track(meta, track)
+    except ValueError as e:
+        print(f"[generate] error: {e}", file=sys.stderr)
+        return 1
     model.to(accelerator.device)
     from evaluations.imagenet import leave_process_group
     try:

@@ -112,7 +112,7 @@ def check_protocol_metrics(metrics: dict | None, track: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from preprocessing.shards import atomic_write
+    from preprocessing.shards import atomic_write, check_output_file
     from train import load_track
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     imagenet.add_argument("--batch_size", type=int, default=None)
     imagenet.add_argument("--cache_dir", default=None, help="reference-feature cache (default data/eval_cache)")
     args = parser.parse_args(argv)
-    track = load_track(args.track)
+    try:
+        track = load_track(args.track)
+        if args.out:
+            check_output_file(args.out)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"[evaluate] error: {e}", file=sys.stderr)
+        return 1
     if track["evaluation"].get("feature_network") in IMAGENET_NETWORKS:
         return _main_imagenet(args, track)
     try:

@@ -120,6 +120,20 @@ def sha256_file(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_output_file(path: PathLike) -> Path:
+    """Refuses, before any work is done, an output file that atomic_write could not write: a
+    folder of that name, or a location this process may not write (ValueError naming the path)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; name a file")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # atomic_write creates the missing folders
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output {path} cannot be written ({existing} is not a writable folder)")
+    return path
+
+
 def atomic_write(path: PathLike, write_fn) -> None:
     """write_fn(tmp) writes the whole file to a temporary name beside ``path``; it is fsynced and
     renamed over ``path``, so readers see the old file or the new one, never a partial one."""

@@ -8,7 +8,8 @@
 3. regenerates the samples for every evaluation seed of the track's protocol and rescores them;
 4. prints recorded vs reproduced for every seed and the mean, and a one-line verdict; exit 0 =
    every number reproduced within the track's stated tolerance, 1 = differs, 2 = the record or
-   its artefacts are invalid.
+   its artefacts are invalid, 3 = the reproduction could not run (bad arguments, an --out inside
+   the records tree or on a file, a crash): no verdict.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import math
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from records.record import RecordError, artefact_file_name, artefact_path, load_record, seed_samples_key
@@ -81,6 +83,8 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
     record_dir = Path(record_dir)
     root = Path(root or ROOT / "records")
     tracks_dir = root / "tracks"
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), root, record_dir)
     valid, invalid = validate_tree(root, rescore=True, only=[record_dir])  # the same verdict as records.validate's
     key = absolute_folder(record_dir)
     if key in invalid:
@@ -131,6 +135,22 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
     return ok and bool(rows), rows, samples
 
 
+class OutputError(ValueError):
+    """--out cannot take the regenerated files (exit 3: the reproduction did not run)."""
+
+
+def check_out_dir(out: Path, root: Path, record_dir: Path) -> None:
+    """The regenerated samples must never land in a record (they would replace the files they are
+    compared with) nor on an existing file."""
+    resolved = out.resolve()
+    for protected in (root.resolve(), record_dir.resolve()):
+        if resolved == protected or protected in resolved.parents:
+            raise OutputError(f"--out {out} is inside the records tree {protected}: the regenerated files would "
+                              "replace a record's; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; name a folder for the regenerated samples")
+
+
 def _compare_samples(record_dir: Path, record: dict, work: Path) -> list[tuple]:
     """Each seed's regenerated images against the record's stored ones: identical, or how many
     differ and by how much (a report for the reviewer: other CPUs and GPUs round differently)."""
@@ -164,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-train from the record's config first (cheap tracks only, e.g. digits)")
     parser.add_argument("--other-code", action="store_true",
                         help="with --retrain: allow a train.py other than the record's (the verdict says so)")
+    # exit codes: 0 reproduced, 1 not reproduced, 2 invalid record, 3 could not run (bad arguments too)
+    parser.error = lambda message: parser.exit(3, f"{parser.prog}: error: {message}\n")
     args = parser.parse_args(argv)
     try:
         ok, rows, samples = reproduce(Path(args.record), Path(args.out) if args.out else None,
@@ -171,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:
+        print(f"[eval] error: {e}", file=sys.stderr)
+        return 3
+    except Exception:  # a crash is not a verdict on the record
+        traceback.print_exc()
+        print("[eval] error: the reproduction could not run (traceback above); no verdict", file=sys.stderr)
+        return 3
     print(f"{'metric':<18} {'recorded':>12} {'reproduced':>12} {'tolerance':>22}  ok")
     fmt = lambda v: "missing" if v is None else f"{v:.4f}"  # noqa: E731
     for name, recorded, got, tol, good in rows:

@@ -489,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     folders = [Path(r) for r in args.records] or find_records(root)
+    if not folders:
+        print(f"INVALID {root}: no record folders under it (a mistyped --root?)")
+        return 1
     valid, invalid = validate_tree(root, rescore=not args.no_rescore, only=folders)
     ok = True
     for shown in folders:

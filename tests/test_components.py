@@ -298,6 +298,7 @@ def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch, flash):
     import kernels
     attention = "attention" if flash else "qk_norm_rope"
     calls = {"modulated_rmsnorm": 0, "gated_residual_modulated_rmsnorm": 0, attention: 0}
+    assert kernels.selfcheck("cpu") == (True, "ok")  # set_kernels runs it (cached): not counted below
     for name in calls:  # count the fused calls, so a silent fallback to the torch path fails the test
         def counted(*a, _f=getattr(kernels, name), _n=name, **k):
             calls[_n] += 1

@@ -80,3 +80,12 @@ def test_cli_writes_metrics_and_fails_on_bad_input(tmp_path, tiny_track, capsys)
     bad = _write(tmp_path / "bad.npz", arr_0=images.astype(np.int16))
     assert evaluate.main([str(bad), "--track", str(tiny_track)]) == 1
     assert "bad.npz: arr_0 has dtype int16" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_bad_track_or_output_before_scoring(tmp_path, tiny_track, capsys):
+    samples = str(_write(tmp_path / "s.npz", arr_0=np.zeros((20, 8, 8, 1), np.uint8)))
+    assert evaluate.main([samples, "--track", "nosuch"]) == 1
+    assert "track file" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert evaluate.main([samples, "--track", str(tiny_track), "--out", str(tmp_path / "folder")]) == 1
+    assert f"output {tmp_path / 'folder'} is a folder" in capsys.readouterr().err

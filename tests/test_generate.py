@@ -195,3 +195,28 @@ def test_protocol_grid_columns_follow_the_classes_only_when_few():
     track = {"dataset": {"num_classes": 15, "resolution": 32}}
     grid = generate.protocol_grid(np.zeros((100, 32, 32, 3), np.uint8), track, {"labels": "balanced"})
     assert grid.shape[1] == (15 * 33 + 1) * 2  # few classes: one column each
+
+
+def test_generate_cli_refuses_unwritable_outputs_and_other_tracks_before_sampling(tmp_path, capsys, monkeypatch):
+    import json
+
+    import train
+    cfg = train.Config(model="SiT-Digits/2", track="digits")
+    track = train.load_track("digits")
+    train.export_model(tmp_path / "model.safetensors", train.build_model(cfg, track), cfg, track)
+    sampled = []
+    monkeypatch.setattr(generate, "sample_latents", lambda *a, **k: sampled.append(1))
+    args = [str(tmp_path / "model.safetensors"), "--num_samples", "4", "--num_steps", "1"]
+    (tmp_path / "folder").mkdir()
+    assert generate.main(args + ["--out", str(tmp_path / "folder")]) == 1
+    assert f"output {tmp_path / 'folder'} is a folder" in capsys.readouterr().err
+    assert generate.main(args + ["--out", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "grid")]) == 1
+    assert "grid" in capsys.readouterr().err and not (tmp_path / "s.npz").exists()
+    other = json.loads(json.dumps(track))
+    other["dataset"]["num_classes"] = 20
+    other["dataset"]["latent_shape"] = [1, 16, 16]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert generate.main(args + ["--out", str(tmp_path / "s.npz"), "--track", str(tmp_path / "other.json")]) == 1
+    err = capsys.readouterr().err
+    assert "trained for other data than track 'digits': input_size 8 (the track's: 16), num_classes 10" in err
+    assert not sampled and not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".*part*"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -612,3 +613,49 @@ def test_retrain_reproduces_a_cheap_track(tiny_record, tmp_path, capsys, monkeyp
     (tmp_path / "records" / "tracks" / "tiny.json").write_text(json.dumps(spec | {"retrain_allowed": False}))
     assert _reproduce(record_dir, "--retrain", "--other-code") == 2
     assert "not cheap enough for --retrain" in capsys.readouterr().err
+
+
+def test_reproduction_never_writes_into_a_record_and_a_crash_is_no_verdict(tiny_record, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--out inside the records tree would overwrite the record's samples with the regenerated
+    ones and compare them with themselves; bad arguments and crashes exit 3 (no verdict), not
+    1 ("not reproduced") or 2 ("invalid record")."""
+    record_dir = _into_tree(tiny_record, tmp_path)
+    before = {p.name: p.read_bytes() for p in record_dir.iterdir()}
+    for out in (record_dir, record_dir.parent / "elsewhere"):
+        assert _reproduce(record_dir, "--out", str(out)) == 3
+        assert "is inside the records tree" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in record_dir.iterdir()} == before
+    (tmp_path / "a_file").write_text("x")
+    assert _reproduce(record_dir, "--out", str(tmp_path / "a_file")) == 3
+    assert "is a file; name a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        _reproduce(record_dir, "--no-such-flag")
+    assert stop.value.code == 3
+    import train as _train
+
+    def broken(*args, **kwargs):
+        raise MemoryError("out of memory while sampling")
+    monkeypatch.setattr(_train, "score_model", broken)
+    assert _reproduce(record_dir) == 3
+    err = capsys.readouterr().err
+    assert "MemoryError: out of memory while sampling" in err and "no verdict" in err
+
+
+def test_eval_sh_reads_paths_from_where_it_is_typed(tmp_path):
+    """bash ../eval.sh <relative record> from another folder names that folder's record (it was
+    resolved against the repository root)."""
+    import subprocess
+    import sys
+    root = Path(reproduce.__file__).resolve().parent.parent
+    (tmp_path / "records" / "digits").mkdir(parents=True)
+    proc = subprocess.run(["bash", str(root / "eval.sh"), "records/digits/2026-01-01_missing"], cwd=tmp_path,
+                          env=dict(os.environ, SPEEDRUN_PYTHON=sys.executable), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{tmp_path}/records/digits/2026-01-01_missing/record.json: record file not found" in proc.stderr
+
+
+def test_validate_with_a_mistyped_root_fails(tmp_path, capsys):
+    from records import validate
+    assert validate.main(["--root", str(tmp_path / "nosuch")]) == 1
+    assert "no record folders under it" in capsys.readouterr().out
