@@ -322,10 +322,12 @@ def reference_features(reference: ReferenceBatch, consumers: Sequence[Consumer],
         os.environ.get("SPEEDRUN_EVAL_CACHE", DEFAULT_CACHE_DIR))
     cache = cache_dir / f"reference-{reference.sha256[:16]}-{key[:16]}.npz"
     cacheable = all(getattr(c.extractor, "identity", {}).get("weights_sha256") for c in consumers)
-    if cacheable and cache.is_file():
-        loaded = _load_cache(cache, key, consumers)
-        if loaded is not None:
-            return loaded, True
+    loaded = _load_cache(cache, key, consumers) if cacheable and cache.is_file() else None
+    # one decision for every rank: the extraction gathers across ranks, and a rank that skipped it
+    # (a node-local cache, a cache written between two ranks' checks) would pair its next gather
+    # (the samples') with the others' reference gather
+    if all(dist.gather(loaded is not None)):
+        return loaded, True
     out = extract_features(reference.images, consumers, batch_size, dist, progress, desc="reference")
     if cacheable and dist.is_main:
         _save_cache(cache, key, identity, out)

@@ -293,6 +293,25 @@ def test_reference_features_are_cached_by_content_and_network(tmp_path):
         np.testing.assert_array_equal(again.arrays["inception"]["pool"], fresh.arrays["inception"]["pool"])
 
 
+def test_every_rank_takes_the_cache_or_none_does(tmp_path, monkeypatch):
+    """A rank that finds the cache while another does not must extract too: the extraction
+    gathers across ranks, and a rank that skipped it would pair its sample gather with the
+    others' reference gather (seen with two gloo processes and a cache only one could see)."""
+    np.savez(tmp_path / "ref.npz", arr_0=_images(9))
+    ref = IN.load_reference_batch(tmp_path / "ref.npz", 16)
+    consumers = [IN.Consumer("inception", ProjectionExtractor(768), keep=("pool",), stats=("pool", "spatial"))]
+    first, _ = IN.reference_features(ref, consumers, 4, tmp_path / "cache", progress=False)  # this rank's cache
+    extracted = []
+    monkeypatch.setattr(IN, "extract_features", lambda *a, **k: extracted.append(1) or first)
+    for other_has_it, hit in ((True, True), (False, False)):
+        extracted.clear()
+        two_ranks = IN.Distributed(rank=0, world_size=2, gather_fn=lambda objs, o=other_has_it: objs + [o])
+        out, from_cache = IN.reference_features(ref, consumers, 4, tmp_path / "cache", dist=two_ranks,
+                                                progress=False)
+        assert from_cache is hit and bool(extracted) is not hit
+        assert (out is first) is not hit
+
+
 # ---------------------------------------------------------------------------
 # metrics end to end
 # ---------------------------------------------------------------------------
