@@ -995,8 +995,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def default_run_name(cfg: Config) -> str:
     """<date>_<model>_s<seed>, with -2, -3, ... when a fresh run would land in an earlier run's
-    folder (a resume keeps the plain name). Every rank computes the same name: nothing is written
-    before all ranks have joined the process group."""
+    folder (a resume keeps the plain name). Every rank computes the same folder list: nothing is
+    written before all ranks have joined the process group; the date is rank 0's (agreed_run_name)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     base = f"{stamp}_{cfg.model.replace('/', '')}_s{cfg.seed}"
     if cfg.resume:
@@ -1093,9 +1093,25 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN/Inf; the step was not applied."""
 
 
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
+
+
+def agreed_run_name(cfg: Config) -> str:
+    """default_run_name as rank 0 computes it, on every rank: ranks started on either side of UTC
+    midnight (or nodes whose clocks differ) would otherwise train into two folders, and rank 0
+    would miss the others' sample files at the end."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+    name = [default_run_name(cfg)]
+    if PartialState(cpu=not _on_gpu()).num_processes > 1:  # joins the process group make_accelerator uses
+        broadcast_object_list(name)
+    return name[0]
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
-    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
+    on_gpu = _on_gpu()
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
     if on_gpu:
@@ -1223,7 +1239,7 @@ def train(cfg: Config) -> dict:
 
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
     if not cfg.run_name:
-        cfg.run_name = default_run_name(cfg)
+        cfg.run_name = agreed_run_name(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     resume_path = _resolve_resume(cfg, run_dir)
     own = resume_path is not None and resume_path.resolve().parent == (run_dir / "checkpoints").resolve()
@@ -1375,9 +1391,11 @@ def train(cfg: Config) -> dict:
                     tqdm.write(line)
             if step % cfg.ckpt_every == 0 and step < cfg.iterations:
                 checkpoint(step)
-            if stop_signal_received(stop_requested["signal"] is not None, accelerator):
+            signum = stop_signal_received(stop_requested["signal"] or 0, accelerator)
+            if signum:
                 checkpoint(step)
-                log.line(f"stopped by signal {stop_requested['signal']} at step {step}; checkpoint saved")
+                log.line(f"stopped by signal {signum} (received by at least one rank) at step {step}; "
+                         "checkpoint saved")
                 raise SystemExit(f"stopped by signal at step {step}; resume with --resume auto "
                                  f"--run_name {cfg.run_name}")
     finally:
@@ -1400,12 +1418,13 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def stop_signal_received(local: bool, accelerator) -> bool:
-    """True on every rank when any rank got SIGTERM, so all ranks stop at the same step."""
+def stop_signal_received(signum: int, accelerator) -> int:
+    """The signal any rank received (0: none), on every rank: all ranks stop at the same step, and
+    rank 0's log names the signal whichever rank got it."""
     if accelerator.num_processes == 1:
-        return local
-    flag = torch.tensor([int(local)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item())
+        return signum
+    local = torch.tensor([signum], device=accelerator.device)
+    return int(accelerator.gather(local).max().item())
 
 
 def start_wandb(cfg: Config, run_dir: Path):

@@ -512,16 +512,21 @@ def test_wandb_logging_is_offline_and_optional(tmp_path, run_args):
 
 def _launch_train_sh(tmp_path, track, name, extra_flags, envs):
     """`bash train.sh` once per environment in `envs` (each a node of one run), all at the same
-    time; returns the run's directory after every launcher has exited cleanly."""
+    time; returns the run's directory after every launcher has exited cleanly. name None: the
+    default run name (rank 0's, broadcast), in runs_dir/<name>... of its own."""
     env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable)
-    cmd = ["bash", "train.sh", "--track", str(track), "--runs_dir", str(tmp_path / "runs"),
-           "--write_record", "false", "--run_name", name, *extra_flags]
+    runs = tmp_path / "runs" / (name or "default")
+    cmd = ["bash", "train.sh", "--track", str(track), "--runs_dir", str(runs.parent if name else runs),
+           "--write_record", "false", *(["--run_name", name] if name else []), *extra_flags]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env | e, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for e in envs]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    return tmp_path / "runs" / name
+    if name:
+        return runs
+    [run] = list(runs.iterdir())  # every rank trained, sampled and scored in one folder
+    return run
 
 
 def _assert_same_training(a: Path, b: Path) -> None:
@@ -541,7 +546,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_track, components):
     SPRINT draws shared)."""
     from test_components import ALL_FLAGS
     flags = ALL_FLAGS if components == "all" else []
-    two = _launch_train_sh(tmp_path, tiny_track, "two", flags, [{"NPROC": "2"}])
+    two = _launch_train_sh(tmp_path, tiny_track, None, flags, [{"NPROC": "2"}])  # the agreed default name
     one = _launch_train_sh(tmp_path, tiny_track, "one", flags, [{"NPROC": "1"}])
     _assert_same_training(two, one)
     assert "world_size: 2" in (two / "train.log").read_text()
