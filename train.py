@@ -1470,13 +1470,14 @@ def score_model(model: nn.Module, track: dict, out_dir: Path, accelerator=None) 
     """The track's evaluation protocol over its evaluation seeds: samples (samples.npz for the first
     seed, samples_seed<k>.npz for the others, a grid of the first), then metrics on rank 0.
     Returns (evaluation output | {} on other ranks, sampling seconds, scoring seconds); the output
-    has every seed's metrics ("runs") and their mean and sample standard deviation."""
+    has every seed's metrics ("runs"), their mean and sample standard deviation, and what scored
+    them ("provenance": the reference batch's and the networks' sha256)."""
     import generate
-    from evaluations.evaluate import evaluate_samples
+    from evaluations.evaluate import score_samples
 
     protocol = track["evaluation"]
     seeds = protocol.get("eval_seeds", [protocol["seed"]])
-    runs, sample_seconds, eval_seconds = [], 0.0, 0.0
+    runs, sample_seconds, eval_seconds, provenance = [], 0.0, 0.0, None
     is_main = accelerator is None or accelerator.is_main_process
     for k, seed in enumerate(seeds):
         path = out_dir / ("samples.npz" if k == 0 else f"samples_seed{seed}.npz")
@@ -1486,7 +1487,8 @@ def score_model(model: nn.Module, track: dict, out_dir: Path, accelerator=None) 
         sample_seconds += time.perf_counter() - t0
         if is_main:
             t0 = time.perf_counter()
-            runs.append({"seed": seed, "metrics": evaluate_samples(path, track)})
+            metrics, provenance = score_samples(path, track)  # the same networks and reference every seed
+            runs.append({"seed": seed, "metrics": metrics})
             eval_seconds += time.perf_counter() - t0
     if not is_main:
         return {}, sample_seconds, eval_seconds
@@ -1494,7 +1496,8 @@ def score_model(model: nn.Module, track: dict, out_dir: Path, accelerator=None) 
     values = {m: np.array([r["metrics"][m] for r in runs], dtype=np.float64) for m in names}
     evaluation = {"protocol": protocol, "runs": runs,
                   "mean": {m: float(v.mean()) for m, v in values.items()},
-                  "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()}}
+                  "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
+                  "provenance": provenance}
     return evaluation, sample_seconds, eval_seconds
 
 

@@ -15,6 +15,7 @@ ignored (a submitted file could carry made-up statistics). The reference batch i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 from evaluations import metrics as M
 from evaluations.features import get_feature_extractor
 from evaluations.npz import SampleFileError  # noqa: F401  (public here)
+from preprocessing.shards import sha256_file
 
 IMAGENET_NETWORKS = ("inception_adm",)
 
@@ -82,7 +84,14 @@ def compute_metrics(sample_features: dict, reference_features: dict, protocol: d
 
 
 def evaluate_samples(samples_path: Path, track: dict, **imagenet_options) -> dict:
-    """The track's metrics (numbers only) for a sample batch.
+    """The track's metrics (numbers only) for a sample batch (see score_samples)."""
+    return score_samples(samples_path, track, **imagenet_options)[0]
+
+
+def score_samples(samples_path: Path, track: dict, **imagenet_options) -> tuple[dict, dict]:
+    """(metrics, provenance) for a sample batch: the track's metrics, and what scored them (the
+    sha256 of the reference batch and of every network's weights, with their settings; no paths:
+    it goes into records, where a reviewer compares it with the published files' digests).
 
     ImageNet tracks (feature network "inception_adm") go through
     :func:`evaluations.imagenet.evaluate_imagenet`; ``imagenet_options`` are passed on to it
@@ -91,15 +100,20 @@ def evaluate_samples(samples_path: Path, track: dict, **imagenet_options) -> dic
     protocol, data = track["evaluation"], track["dataset"]
     if protocol.get("feature_network") in IMAGENET_NETWORKS:
         from evaluations.imagenet import evaluate_imagenet
-        metrics = evaluate_imagenet(samples_path, track, **imagenet_options)["metrics"]
+        report = evaluate_imagenet(samples_path, track, **imagenet_options)
+        metrics, used = report["metrics"], report["provenance"]
+        provenance = {"reference_sha256": used["reference"]["sha256"],
+                      "reference_statistics": used["reference"]["statistics"], "networks": used["networks"]}
     else:
         images = load_sample_batch(samples_path, data["resolution"], data["channels"],
                                    int(protocol["num_samples"]))
         extractor = get_feature_extractor(protocol["feature_network"])
-        metrics = compute_metrics(extractor.extract(images), extractor.extract(reference_images(track)),
-                                  protocol)
+        reference = reference_images(track)
+        metrics = compute_metrics(extractor.extract(images), extractor.extract(reference), protocol)
+        provenance = {"reference_sha256": hashlib.sha256(np.ascontiguousarray(reference).tobytes()).hexdigest(),
+                      "networks": {protocol["feature_network"]: {"weights_sha256": sha256_file(extractor.path)}}}
     check_protocol_metrics(metrics, track)
-    return metrics
+    return metrics, provenance
 
 
 def check_protocol_metrics(metrics: dict | None, track: dict) -> None:

@@ -255,9 +255,13 @@ def _check_runs(where: Path, record: dict, track: dict) -> None:
 
 
 def _check_evaluation_output(where: Path, stored, record: dict, track: dict) -> None:
-    """metrics.json is the evaluation that produced the record: protocol, runs, mean, std."""
-    if not isinstance(stored, dict) or set(stored) != {"protocol", "runs", "mean", "std"}:
-        raise RecordError(f"{where}: artefact evaluation is not an evaluation output (protocol, runs, mean, std)")
+    """metrics.json is the evaluation that produced the record: protocol, runs, mean, std, and
+    provenance (what scored them: the reference batch's and every network's sha256, equal to the
+    track's pins where it has them)."""
+    if not isinstance(stored, dict) or set(stored) != {"protocol", "runs", "mean", "std", "provenance"}:
+        raise RecordError(f"{where}: artefact evaluation is not an evaluation output (protocol, runs, mean, std, "
+                          "provenance)")
+    _check_provenance(where, stored["provenance"], track)
     if stored["protocol"] != track["evaluation"]:
         raise RecordError(f"{where}: artefact evaluation was made with another protocol than the track's")
     if stored["runs"] != record["metric_runs"]:
@@ -270,6 +274,22 @@ def _check_evaluation_output(where: Path, stored, record: dict, track: dict) -> 
                                  (f"std.{name} of the evaluation output", stored["std"].get(name), std)):
             if got is None or not np.isclose(got, want, rtol=1e-9, atol=1e-12):
                 raise RecordError(f"{where}: field '{label}' is {got}, the runs give {want}")
+
+
+def _check_provenance(where: Path, provenance, track: dict) -> None:
+    digest = re.compile(r"[0-9a-f]{64}")
+    networks = provenance.get("networks") if isinstance(provenance, dict) else None
+    if (not isinstance(networks, dict) or not networks or not digest.fullmatch(str(provenance.get("reference_sha256")))
+            or not all(isinstance(n, dict) and digest.fullmatch(str(n.get("weights_sha256"))) for n in networks.values())):
+        raise RecordError(f"{where}: artefact evaluation's provenance does not give the sha256 of the reference "
+                          "batch and of every network's weights")
+    pins = {"reference_sha256": (track["evaluation"].get("reference_sha256"), provenance["reference_sha256"])}
+    if track["evaluation"].get("feature_network") == "digits_net":
+        from evaluations.digits_net import DIGITS_NET_SHA256
+        pins["digits_net weights"] = (DIGITS_NET_SHA256, networks.get("digits_net", {}).get("weights_sha256"))
+    for name, (pinned, used) in pins.items():
+        if pinned and used != pinned:
+            raise RecordError(f"{where}: artefact evaluation was scored with {name} {used}, the track pins {pinned}")
 
 
 def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) -> dict:
@@ -369,12 +389,15 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
         samples = artefact_path(record_dir, record, key)
         if samples is None:
             continue
-        if rescore and local_scoring:  # every seed's samples score as recorded
-            from evaluations.evaluate import evaluate_samples
+        if rescore and local_scoring:  # every seed's samples score as recorded, by the recorded networks
+            from evaluations.evaluate import score_samples
             try:
-                again = evaluate_samples(samples, track)
+                again, provenance = score_samples(samples, track)
             except ValueError as e:  # SampleFileError and protocol errors
                 raise RecordError(f"{where}: artefact {key} cannot be scored: {e}") from None
+            if provenance != stored["provenance"]:
+                raise RecordError(f"{where}: artefact evaluation's provenance is {stored['provenance']}, re-scoring "
+                                  f"{samples.name} used {provenance}")
             for name, value in record["metric_runs"][i]["metrics"].items():
                 if not _rescored_within(name, value, again[name], track):
                     raise RecordError(f"{where}: field 'metric_runs.{i}.metrics.{name}' is {value}, re-scoring "

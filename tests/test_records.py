@@ -659,3 +659,33 @@ def test_validate_with_a_mistyped_root_fails(tmp_path, capsys):
     from records import validate
     assert validate.main(["--root", str(tmp_path / "nosuch")]) == 1
     assert "no record folders under it" in capsys.readouterr().out
+
+
+def _set_provenance(record_dir: Path, fn) -> None:
+    """Edits metrics.json's provenance (fn(provenance) in place) and re-syncs its sha256."""
+    from preprocessing.shards import sha256_file
+    stored = json.loads((record_dir / "metrics.json").read_text())
+    fn(stored["provenance"])
+    (record_dir / "metrics.json").write_text(json.dumps(stored))
+    _edit(record_dir, lambda d: d["artefacts"]["evaluation"].update(sha256=sha256_file(record_dir / "metrics.json")))
+
+
+def test_a_record_says_what_scored_it_and_it_must_be_what_scores_it_again(tiny_record, tmp_path, capsys):
+    """metrics.json names the reference batch's and the feature network's sha256 (for ImageNet
+    tracks: the Inception/DINOv2 files a reviewer compares with the published ones); the digits
+    network is pinned, and re-scoring must have used the same files."""
+    from evaluations.digits_net import DIGITS_NET_SHA256
+    record_dir = _into_tree(tiny_record, tmp_path)
+    provenance = json.loads((record_dir / "metrics.json").read_text())["provenance"]
+    assert provenance["networks"] == {"digits_net": {"weights_sha256": DIGITS_NET_SHA256}}
+    assert len(provenance["reference_sha256"]) == 64
+    original = (record_dir / "metrics.json").read_bytes(), (record_dir / "record.json").read_bytes()
+    for fn, message in ((lambda p: p["networks"]["digits_net"].update(weights_sha256="a" * 64),
+                         f"scored with digits_net weights {'a' * 64}, the track pins {DIGITS_NET_SHA256}"),
+                        (lambda p: p.update(reference_sha256="b" * 64), "re-scoring samples.npz used"),
+                        (lambda p: p.pop("networks"), "does not give the sha256 of the reference")):
+        (record_dir / "metrics.json").write_bytes(original[0])
+        (record_dir / "record.json").write_bytes(original[1])
+        _set_provenance(record_dir, fn)
+        code, out = _validate(record_dir, capsys)
+        assert code == 1 and message in out, out
