@@ -1296,10 +1296,14 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"{cfg.model} has {n_params} parameters, over the track's cap of {cap}")
     optimizer = make_optimizer(cfg, model, accelerator.device)
 
-    start_step, train_seconds = 0, 0.0
+    # device_train_seconds: train time x processes, summed over the legs (a run resumed on another
+    # number of GPUs used each count for its own part of the time: the record's GPU-hours)
+    start_step, train_seconds, device_train_seconds = 0, 0.0, 0.0
     if resume_path:
         state = load_checkpoint(resume_path, model, ema, optimizer)
         start_step, train_seconds = state["step"], state["extra"].get("train_seconds", 0.0)
+        device_train_seconds = state["extra"].get(
+            "device_train_seconds", train_seconds * state["extra"].get("world_size", world))
     model = compile_for_training(cfg, model)
     if teacher is not None:
         teacher = compile_for_training(cfg, teacher)
@@ -1347,7 +1351,8 @@ def train(cfg: Config) -> dict:
             assert data_position["step"] == step, (data_position, step)
             save_checkpoint(path, unwrap(model), ema, optimizer, step, cfg,
                             {"data_position": data_position, "world_size": world,
-                             "train_seconds": train_seconds, "data_manifest_sha256": data_manifest,
+                             "train_seconds": train_seconds, "device_train_seconds": device_train_seconds,
+                             "data_manifest_sha256": data_manifest,
                              "code_sha256": code_hash(source)})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 if old != path:  # never the one just written
@@ -1373,7 +1378,9 @@ def train(cfg: Config) -> dict:
                                     f"{(list_checkpoints(run_dir) or [resume_path or 'none'])[-1]}")
             stepper.update()
             step += 1
-            train_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            device_train_seconds += seconds * world
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.iterations:
                 now = time.perf_counter()
@@ -1409,6 +1416,7 @@ def train(cfg: Config) -> dict:
     checkpoint(step)
     log.line(f"training done: {step} iterations, train_time:{train_seconds:.1f}s")
     summary = {"run_dir": str(run_dir), "step": step, "train_seconds": train_seconds,
+               "device_train_seconds": device_train_seconds,
                "data_manifest_sha256": data_manifest,
                "parameters": n_params, "environment": env, "code_hash": code_hash(source)}
     if is_main:

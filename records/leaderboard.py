@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from records.record import device_hours_of
+
 
 ROOT = Path(__file__).resolve().parent.parent
 METRIC_LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec", "recall": "Rec", "kd": "KD"}
@@ -69,10 +71,12 @@ def _spread(record: dict, metric: str) -> str:
 
 
 def device_hours(record: dict) -> float:
-    """GPU-hours for GPU runs; for CPU runs, process-hours (wall-clock x processes)."""
+    """GPU-hours for GPU runs; for CPU runs, process-hours (the same formula: records.record.device_hours_of)."""
     if record.get("gpu_hours"):
         return record["gpu_hours"]
-    return record["wall_clock"]["total_seconds"] / 3600 * record["environment"].get("world_size", 1)
+    clock = record["wall_clock"]
+    return device_hours_of(clock["device_train_seconds"], clock["sample_seconds"] + clock["eval_seconds"],
+                           record["environment"]["world_size"])
 
 
 def plot_track(records: list[dict], track: dict, path: Path) -> None:

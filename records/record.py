@@ -64,7 +64,8 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
     train_s = summary["train_seconds"]
     total = train_s + summary["sample_seconds"] + summary["eval_seconds"]
     env = summary["environment"]
-    device_hours = total / 3600 * env["world_size"] if "gpu" in env else 0.0
+    device_train = summary["device_train_seconds"]
+    device_hours = device_hours_of(device_train, total - train_s, env["world_size"]) if "gpu" in env else 0.0
     record = {
         "format": RECORD_FORMAT, "track": track["name"], "date": date,
         "dataset": track["dataset"], "data_manifest_sha256": summary["data_manifest_sha256"],
@@ -73,7 +74,8 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
         "config": dataclasses.asdict(cfg), "code_hash": summary["code_hash"], "environment": env,
         "parameters": summary["parameters"], "iterations": summary["step"],
         "global_batch": cfg.global_batch, "images_seen": summary["step"] * cfg.global_batch,
-        "wall_clock": {"train_seconds": round(train_s, 2), "sample_seconds": round(summary["sample_seconds"], 2),
+        "wall_clock": {"train_seconds": round(train_s, 2), "device_train_seconds": round(device_train, 2),
+                       "sample_seconds": round(summary["sample_seconds"], 2),
                        "eval_seconds": round(summary["eval_seconds"], 2), "total_seconds": round(total, 2)},
         "gpu_hours": round(device_hours, 4),
         "throughput": {"iterations_per_second": round(summary["step"] / train_s, 3),
@@ -84,6 +86,12 @@ def write_record(cfg, track: dict, run_dir: Path, summary: dict) -> Path:
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     atomic_write(record_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
     return record_dir
+
+
+def device_hours_of(device_train_seconds: float, scoring_seconds: float, world_size: int) -> float:
+    """Process-hours of a run: its training time x processes summed over its legs (a resume may
+    change the count), then sampling and scoring on the last leg's processes."""
+    return (device_train_seconds + scoring_seconds * world_size) / 3600
 
 
 def _refuse_constant(name: str):

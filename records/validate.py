@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from records.record import RecordError, artefact_path, find_records, parse_json, seed_samples_key
+from records.record import RecordError, artefact_path, device_hours_of, find_records, parse_json, seed_samples_key
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_FEATURE_NETWORKS = {"digits_net"}  # re-scoring needs no downloaded weights
@@ -199,6 +199,12 @@ def _check_log(where: Path, log_text: str, record: dict) -> None:
                                ("eval_seconds", float(scored[-1][1]))):
         if abs(logged_value - clock[name]) > 0.051:  # the log prints 0.1 s
             raise RecordError(f"{where}: field 'wall_clock.{name}' is {clock[name]}, the run log says {logged_value}")
+    # train time x processes: between the fewest and the most processes of the run's legs
+    worlds = [json.loads(e)["world_size"] for e in environments]
+    low, high = clock["train_seconds"] * min(worlds) - 0.01, clock["train_seconds"] * max(worlds) + 0.01 * max(worlds)
+    if not low <= clock["device_train_seconds"] <= high:
+        raise RecordError(f"{where}: field 'wall_clock.device_train_seconds' is {clock['device_train_seconds']}, "
+                          f"not train_seconds x the run's processes ({sorted(set(worlds))} in its legs)")
 
 
 def _check_steps(where: Path, log_text: str, iterations: int, seconds: float) -> None:
@@ -234,7 +240,8 @@ def _check_derived(where: Path, record: dict) -> None:
         low, high = count / (train_s + 0.005), count / max(train_s - 0.005, 1e-9)
         if not low - digit <= stated <= high + digit:
             raise RecordError(f"{where}: field '{name}' is {stated}, its parts give {count / max(train_s, 1e-9):.4g}")
-    hours = total / 3600 * env["world_size"] if "gpu" in env else 0.0
+    scoring = clock["sample_seconds"] + clock["eval_seconds"]
+    hours = device_hours_of(clock["device_train_seconds"], scoring, env["world_size"]) if "gpu" in env else 0.0
     if abs(record["gpu_hours"] - hours) > 1e-4 + 1e-3 * hours:
         raise RecordError(f"{where}: field 'gpu_hours' is {record['gpu_hours']}, its parts give {hours:.4g}")
 

@@ -689,3 +689,12 @@ def test_a_record_says_what_scored_it_and_it_must_be_what_scores_it_again(tiny_r
         _set_provenance(record_dir, fn)
         code, out = _validate(record_dir, capsys)
         assert code == 1 and message in out, out
+
+
+def test_device_train_seconds_must_fit_the_logged_process_counts(tiny_record, tmp_path, capsys):
+    record_dir = _into_tree(tiny_record, tmp_path)
+    clock = json.loads((record_dir / "record.json").read_text())["wall_clock"]
+    assert clock["device_train_seconds"] == pytest.approx(clock["train_seconds"], abs=0.011)  # one process
+    _edit(record_dir, lambda d: d["wall_clock"].update(device_train_seconds=2 * clock["train_seconds"] + 1))
+    code, out = _validate(record_dir, capsys)
+    assert code == 1 and "not train_seconds x the run's processes ([1] in its legs)" in out

@@ -641,3 +641,24 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path, run_args, compone
     for key in a:
         if key.startswith(("model.", "ema.")):
             torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_device_seconds_add_up_each_legs_processes(tmp_path, run_args):
+    """A run resumed on another number of processes: its device time (GPU-hours in the record) is
+    each leg's training time x that leg's processes, not the whole time x the last leg's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    first = train.train(train.parse_config(run_args + ["--run_name", "a", "--write_record", "false"]))
+    assert first["device_train_seconds"] == pytest.approx(first["train_seconds"])  # one process
+    ck = train.list_checkpoints(tmp_path / "runs" / "a")[0]  # step 3
+    with safe_open(str(ck), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    extra = json.loads(meta["extra"])
+    assert extra["device_train_seconds"] == pytest.approx(extra["train_seconds"])
+    extra |= {"world_size": 8, "device_train_seconds": 8 * extra["train_seconds"]}  # as if its leg ran on 8
+    eight = tmp_path / "eight.safetensors"
+    save_file(tensors, str(eight), metadata=meta | {"extra": json.dumps(extra)})
+    resumed = train.train(train.parse_config(run_args + ["--run_name", "b", "--resume", str(eight),
+                                                         "--write_record", "false"]))
+    second_leg = resumed["train_seconds"] - extra["train_seconds"]
+    assert resumed["device_train_seconds"] == pytest.approx(8 * extra["train_seconds"] + second_leg)
