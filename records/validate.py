@@ -199,9 +199,11 @@ def _check_log(where: Path, log_text: str, record: dict) -> None:
                                ("eval_seconds", float(scored[-1][1]))):
         if abs(logged_value - clock[name]) > 0.051:  # the log prints 0.1 s
             raise RecordError(f"{where}: field 'wall_clock.{name}' is {clock[name]}, the run log says {logged_value}")
-    # train time x processes: between the fewest and the most processes of the run's legs
+    # train time x processes: between the fewest and the most processes of the run's legs (both
+    # stored to 0.01 s: the product may be off by 0.01 s per process)
     worlds = [json.loads(e)["world_size"] for e in environments]
-    low, high = clock["train_seconds"] * min(worlds) - 0.01, clock["train_seconds"] * max(worlds) + 0.01 * max(worlds)
+    low = (clock["train_seconds"] - 0.01) * min(worlds)
+    high = (clock["train_seconds"] + 0.01) * max(worlds)
     if not low <= clock["device_train_seconds"] <= high:
         raise RecordError(f"{where}: field 'wall_clock.device_train_seconds' is {clock['device_train_seconds']}, "
                           f"not train_seconds x the run's processes ({sorted(set(worlds))} in its legs)")
