@@ -1238,6 +1238,7 @@ def train(cfg: Config) -> dict:
     from preprocessing.shards import ShardDataset
 
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
+    code = code_hash(source)
     if not cfg.run_name:
         cfg.run_name = agreed_run_name(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
@@ -1273,7 +1274,7 @@ def train(cfg: Config) -> dict:
     dataset = ShardDataset(cfg.data_dir, track["dataset"]["train_split"])
     data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
     if prior:
-        check_same_run(prior["extra"], resume_path, data_manifest, code_hash(source), cfg.write_record)
+        check_same_run(prior["extra"], resume_path, data_manifest, code, cfg.write_record)
 
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(cfg, track)
@@ -1353,7 +1354,7 @@ def train(cfg: Config) -> dict:
                             {"data_position": data_position, "world_size": world,
                              "train_seconds": train_seconds, "device_train_seconds": device_train_seconds,
                              "data_manifest_sha256": data_manifest,
-                             "code_sha256": code_hash(source)})
+                             "code_sha256": code})
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 if old != path:  # never the one just written
                     old.unlink()
@@ -1418,7 +1419,7 @@ def train(cfg: Config) -> dict:
     summary = {"run_dir": str(run_dir), "step": step, "train_seconds": train_seconds,
                "device_train_seconds": device_train_seconds,
                "data_manifest_sha256": data_manifest,
-               "parameters": n_params, "environment": env, "code_hash": code_hash(source)}
+               "parameters": n_params, "environment": env, "code_hash": code}
     if is_main:
         export_model(run_dir / "model.safetensors", ema, cfg, track)
     accelerator.wait_for_everyone()

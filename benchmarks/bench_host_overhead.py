@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import traceback
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch

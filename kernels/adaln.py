@@ -200,6 +200,7 @@ RESIDUAL = KernelOp("gated_residual_modulated_rmsnorm", "norm", _residual_forwar
                     _residual_forward_fake, _residual_backward, _residual_backward_fake,
                     _residual_setup, _residual_grads)
 
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------

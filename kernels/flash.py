@@ -387,6 +387,7 @@ def _prologue_flags(q, rope, qw, kw, interleaved: bool) -> dict:
     del flags["DOT_PREC"]  # no matmul in the prologue
     return flags
 
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
