@@ -99,12 +99,13 @@ class Config:
     ema_decay: float = flag(0.9999, "EMA decay of the weights used for sampling")
     seed: int = flag(0, "seed of the model init, the data order and every step's noise")
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | no | bf16")
-    compile: bool = flag(False, "torch.compile the model and the REPA/REG teacher (on a GPU the fastest setting: "
-                                "1.9-2.7x the public SR-DiT step on an H200, benchmarks/RESULTS_GPU.md; ~1 min of "
-                                "compilation first)")
+    compile: bool = flag(False, "torch.compile the model and the REPA/REG teacher (use it on a GPU: 1.9-2.7x the "
+                                "public SR-DiT step on an H200, 1.5x on an H100, benchmarks/RESULTS_GPU.md; ~1 min "
+                                "of compilation first)")
     compile_mode: str = flag("default", "with --compile true: default | reduce-overhead (CUDA graphs around the "
                                         "compiled forward and backward: no per-kernel launches from the host; one "
-                                        "process, --grad_accum 1; not yet timed, benchmarks/RESULTS_GPU.md) | "
+                                        "process, --grad_accum 1; 3.0x the public SR-DiT step on an H100, "
+                                        "benchmarks/RESULTS_GPU.md) | "
                                         "max-autotune-no-cudagraphs | max-autotune (both: longer compilation)")
     deterministic: bool = flag(True, "torch.use_deterministic_algorithms (warn-only): bitwise-repeatable steps "
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
