@@ -64,10 +64,10 @@ part extraction 70 "$PY" benchmarks/bench_metrics.py --only extraction --extract
 # 5. the torch.compile'd step against the public code in the same call (the 2x target), most
 #    telling variants first: rows print as each finishes, so a cut at the limit costs the last ones
 #    (each variant compiles for ~70 s on an H100). torch+compile first (the FLOPs are counted on
-#    the first variant, under a dispatch mode CUDA graphs would bypass), then the CUDA-graph
-#    variants (the fastest step measured; one GPU only: train.py refuses graphs under DDP), the
-#    kernels with the QK-norm/RoPE prologue feeding SDPA before the flash kernel (faster at these
-#    shapes); +cudagraphs rows report inductor's cudagraph_skips
+#    the first variant under a dispatch mode: known to work there, untried with CUDA graphs), then
+#    the CUDA-graph variants (the fastest step measured; one GPU only: train.py refuses graphs
+#    under DDP), the kernels with the QK-norm/RoPE prologue feeding SDPA before the flash kernel
+#    (faster at these shapes); +cudagraphs rows report inductor's cudagraph_skips
 part step_compile 480 "$PY" benchmarks/bench_gpu_step.py --batch 32 --steps 20 --warmup 3 \
   --variants torch+compile,torch+compile+cudagraphs,triton+compile+cudagraphs,triton+compile,triton+flash+compile+cudagraphs,triton+flash+compile \
   "${PUBLIC[@]}"
