@@ -72,6 +72,14 @@ class LatentEncoder(abc.ABC):
         """Float NCHW latents -> uint8 NHWC torch tensor (on the latents' device)."""
 
 
+def unit_range_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoded NCHW pixels in [-1, 1] -> uint8 NHWC, as every decoder stores them: rounded, as
+    DiT/REPA/SR-DiT's samplers store pixels (clamp(127.5 x + 128) then uint8); guided-diffusion's
+    image_sample.py truncates instead (+0.5 level on average)."""
+    pixels = torch.round((x + 1.0) * 127.5).clamp_(0, 255)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 class IdentityEncoder(LatentEncoder):
     """Pixel space: ``latent = image / 127.5 - 1`` laid out NCHW.
 
@@ -104,10 +112,7 @@ class IdentityEncoder(LatentEncoder):
             raise ValueError(f"decode() expects NCHW latents of rank 4, got shape {tuple(x.shape)}")
         if not torch.is_floating_point(x):
             raise ValueError(f"decode() expects floating point latents, got dtype {x.dtype}")
-        # rounded, as DiT/REPA/SR-DiT's samplers store pixels (clamp(127.5 x + 128) then uint8);
-        # guided-diffusion's image_sample.py truncates instead (+0.5 level on average)
-        pixels = torch.round((x.to(torch.float32) + 1.0) * 127.5).clamp_(0, 255)
-        return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return unit_range_to_uint8(x.to(torch.float32))
 
     def __repr__(self) -> str:
         return "IdentityEncoder()"

@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from preprocessing.encoders import LatentEncoder, _check_images
+from preprocessing.encoders import LatentEncoder, _check_images, unit_range_to_uint8
 from preprocessing.shards import atomic_write, sha256_file
 
 PathLike = Union[str, os.PathLike]
@@ -471,10 +471,7 @@ class INVAEEncoder(LatentEncoder):
             raise ValueError(f"decode() expects NCHW latents of rank 4, got {getattr(z, 'shape', type(z))}")
         param = next(self.model.parameters())
         pixels = self.model.decode(z.to(param.device, torch.float32) / self.scale)
-        # rounded, as DiT/REPA/SR-DiT's samplers store pixels (clamp(127.5 x + 128) then uint8);
-        # guided-diffusion's image_sample.py truncates instead (+0.5 level on average)
-        pixels = torch.round((pixels + 1.0) * 127.5).clamp_(0, 255)
-        return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous().to(z.device)
+        return unit_range_to_uint8(pixels).to(z.device)
 
     def __repr__(self) -> str:
         return f"INVAEEncoder(device={self.device}, checkpoint_sha256={self.checkpoint_sha256})"
