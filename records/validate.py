@@ -327,7 +327,7 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
         raise RecordError(f"{record_dir}: record folders are named records/<track>/<date>_<slug> with "
                           "letters, digits, '.', '_' and '-' only")
     record = check_record(record_dir)  # schema, checksums, safetensors only, code hash vs log
-    unchecked, content = [], {"samples": {}}
+    unchecked, content = [], {}
     try:
         date = datetime.date.fromisoformat(record["date"])
     except ValueError as e:
@@ -386,16 +386,15 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
     except ValueError as e:
         raise RecordError(f"{where}: artefact evaluation is not valid JSON: {e}") from None
     _check_evaluation_output(where, stored, record, track)
-    for key in _sample_keys(record):
-        samples = artefact_path(record_dir, record, key)
-        if samples is not None:
-            content["samples"][key] = _image_digests(samples)
+    keys = _sample_keys(record)
+    sample_files = {key: path for key in keys if (path := artefact_path(record_dir, record, key)) is not None}
+    content["samples"] = {key: _image_digests(path) for key, path in sample_files.items()}
     for (_, a), (_, b), shared in _shared_batches({(record_dir, k): v for k, v in content["samples"].items()}):
         raise RecordError(f"{where}: artefacts {a} and {b} share {shared} images: one sample batch serves two "
                           "evaluation seeds (another seed draws other noise, so other images)")
     local_scoring = track["evaluation"]["feature_network"] in LOCAL_FEATURE_NETWORKS
-    for i, key in enumerate(_sample_keys(record)):
-        samples = artefact_path(record_dir, record, key)
+    for i, key in enumerate(keys):
+        samples = sample_files.get(key)
         if samples is None:
             continue
         if rescore and local_scoring:  # every seed's samples score as recorded, by the recorded networks
