@@ -1,5 +1,7 @@
 """INVAE encode throughput (preprocessing/invae.py) on this machine, as `python -m preprocessing
-encode` runs it: float32, TF32 off, cuDNN deterministic, posterior mean of uint8 256 px images.
+encode` runs it: float32, TF32 off, cuDNN deterministic, a posterior sample of uint8 256 px images
+(the default; its noise costs ~0.15 ms per 256 px image on one CPU core, ~3% of the H100 rate in
+RESULTS_GPU.md, which was measured with the posterior mean).
 
     python benchmarks/bench_encode.py [--images 1024] [--batch 64] [--resolution 256]
 

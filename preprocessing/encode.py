@@ -1,6 +1,6 @@
 """``encode``: add latents beside the images of a shard dataset.
 
-    python -m preprocessing encode DATASET --encoder invae --vae PATH.safetensors --vae-sha256 HEX
+    python -m preprocessing encode DATASET --encoder invae --vae PATH.safetensors --vae-sha256 HEX [--posterior mean]
     python -m preprocessing encode DATASET --encoder identity
 
 For every shard ``<split>/images-XXXXX.npy`` it writes
@@ -250,6 +250,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--encoder", default="invae", help="latent encoder: invae (default) or identity")
     parser.add_argument("--vae", default=None, help="INVAE checkpoint (.safetensors)")
     parser.add_argument("--vae-sha256", default=None, help="expected sha256 of the INVAE checkpoint (required)")
+    parser.add_argument("--posterior", choices=["sample", "mean"], default="sample",
+                        help="invae: store a posterior sample per image (SR-DiT's preprocessing; the default) "
+                             "or the posterior mean")
+    parser.add_argument("--posterior-seed", type=int, default=0,
+                        help="invae: seed of the posterior samples' noise (with each image's bytes)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--split", action="append", default=None, help="only this split (repeatable)")
@@ -263,7 +268,7 @@ def main_args(args) -> int:
         if not args.vae or not args.vae_sha256:
             raise EncodeError("--encoder invae needs --vae CHECKPOINT.safetensors and --vae-sha256 HEX")
         encoder = get_encoder("invae", checkpoint=args.vae, sha256=args.vae_sha256, device=args.device,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, posterior=args.posterior, seed=args.posterior_seed)
     else:
         encoder = get_encoder(args.encoder)
     encode_dataset(args.dataset, encoder, splits=args.split, batch_size=args.batch_size, force=args.force,

@@ -22,19 +22,29 @@ What is established (facts from the public REPA-E code, End2End-Diffusion/REPA-E
   Face hub (``REPA-E/invae``, ``REPA-E/e2e-invae``) as pickled PyTorch files,
   and later as a diffusers ``AutoencoderKL`` release (``REPA-E/e2e-invae-hf``).
 * SR-DiT (reference/sr-dit.md) trains on INVAE latents 32x16x16 at 256 px,
-  scaled by 0.3099 with no bias.
+  scaled by 0.3099 with no bias.  Its preprocessing (SwayStar123/SpeedrunDiT
+  @ c24c2ff, ``preprocessing/encoders.py`` and ``dataset_tools.py``) loads
+  ``e2e-invae-400k.pt`` from
+  https://huggingface.co/REPA-E/e2e-invae/resolve/main/e2e-invae-400k.pt as a
+  bare state dict, strictly, into a copy of REPA-E's f16d32 class, and stores
+  ONE POSTERIOR SAMPLE per image (``encode(x).sample()``, pixels / 127.5 - 1,
+  float32), drawn once from the global RNG: the ``sample`` posterior below
+  (the default) reproduces that distribution with reproducible noise.
+
+Checked against the public code: REPA-E's ``models/autoencoder.py``
+(End2End-Diffusion/REPA-E @ 3ad8046; SR-DiT's ``models/invae.py`` is the same
+file) builds ``VAE_F16D32`` with the same 342 tensor names and shapes as
+:class:`INVAE`; its randomly initialised (and perturbed) state dict loads here
+strictly, and at 256 px the posterior mean, log-variance and the decoded image
+agree with REPA-E's to 8e-6 (float32 rounding; CPU, torch 2.14).
 
 What is NOT established here (no network access while writing this):
 
-* the published files' exact names and sha256 -- you must pass the sha256 of
-  the file you downloaded (the hub's file page shows it); nothing is trusted
-  without it;
+* the published file's sha256 -- you must pass the sha256 of the file you
+  downloaded (the hub's file page shows it); nothing is trusted without it;
 * whether the diffusers ``-hf`` release uses the same tensor names (it does
   not: diffusers names differ) -- only the REPA-E / latent-diffusion key
-  layout below is loaded; convert other layouts first;
-* whether SR-DiT encodes with the posterior mean or a sample: this encoder
-  stores the posterior MEAN times 0.3099 (deterministic).  REPA-E itself caches
-  mean and std and samples at training time.
+  layout below is loaded; convert other layouts first.
 
 The module names below reproduce the latent-diffusion layout, so a state dict
 with keys such as ``encoder.down.0.block.0.conv1.weight``,
@@ -51,6 +61,7 @@ containers only, no code).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -71,7 +82,7 @@ DOWNSAMPLE = 16
 
 __all__ = [
     "INVAE_SCALE", "INVAEConfig", "INVAE", "CheckpointError", "load_invae", "INVAEEncoder",
-    "convert_checkpoint", "sha256_file",
+    "POSTERIORS", "posterior_noise", "convert_checkpoint", "sha256_file",
 ]
 
 
@@ -399,8 +410,31 @@ def _pick_device(device: Union[str, torch.device, None]) -> torch.device:
     return torch.device(device)
 
 
+POSTERIORS = ("sample", "mean")
+
+
+def posterior_noise(images: np.ndarray, seed: int, shape: Tuple[int, int, int]) -> torch.Tensor:
+    """Standard normal noise [n, *shape] (float32, CPU) for the posterior sample of each image, a
+    function of (seed, the image's bytes) only: the same image gets the same noise whatever its
+    batch, shard, split, position or device. Image i's generator is seeded with the first 8 bytes
+    (little-endian, top bit cleared) of sha256(b"invae-posterior|<seed>|" + its uint8 HWC bytes)."""
+    noise = torch.empty((len(images),) + tuple(shape), dtype=torch.float32)
+    prefix = f"invae-posterior|{int(seed)}|".encode()
+    gen = torch.Generator()
+    for i, image in enumerate(images):
+        digest = hashlib.sha256(prefix + np.ascontiguousarray(image).tobytes()).digest()
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        noise[i] = torch.randn(shape, generator=gen)
+    return noise
+
+
 class INVAEEncoder(LatentEncoder):
-    """uint8 images -> ``0.3099 * posterior mean`` (float32, ``[n, 32, H/16, W/16]``) and back.
+    """uint8 images -> ``0.3099 * z`` (float32, ``[n, 32, H/16, W/16]``) and back, where z is
+    the posterior sample ``mean + exp(logvar / 2) * eps`` (``posterior="sample"``, the default:
+    SR-DiT's preprocessing stores one posterior sample per image, drawn once) or the posterior
+    mean (``posterior="mean"``). The sample's noise eps is :func:`posterior_noise` of the image
+    and ``seed``, so encoding is reproducible and independent of batching and sharding (SR-DiT
+    draws from the global RNG, so its exact draws cannot be reproduced; their distribution is).
 
     Build it from a checkpoint (``checkpoint=..., sha256=...``) or wrap an
     existing :class:`INVAE` (``model=...``, e.g. randomly initialised in tests).
@@ -414,7 +448,11 @@ class INVAEEncoder(LatentEncoder):
 
     def __init__(self, checkpoint: Optional[PathLike] = None, sha256: Optional[str] = None, *,
                  model: Optional[INVAE] = None, config: INVAEConfig = INVAEConfig(),
-                 device: Union[str, torch.device, None] = "auto", batch_size: int = 64):
+                 device: Union[str, torch.device, None] = "auto", batch_size: int = 64,
+                 posterior: str = "sample", seed: int = 0):
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}")
+        self.posterior, self.seed = posterior, int(seed)
         self.device = _pick_device(device)
         if model is None:
             if checkpoint is None or not sha256:
@@ -436,8 +474,10 @@ class INVAEEncoder(LatentEncoder):
 
     def describe(self) -> Dict[str, Any]:
         cfg = self.model.cfg
+        statistic = (f"posterior sample (noise: posterior_noise, seed {self.seed})" if self.posterior == "sample"
+                     else "posterior mean")
         return {"name": self.name, "scale": self.scale, "checkpoint_sha256": self.checkpoint_sha256,
-                "statistic": "posterior mean", "config": dataclasses.asdict(cfg)}
+                "statistic": statistic, "config": dataclasses.asdict(cfg)}
 
     def latent_shape(self, image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
         h, w, c = (int(v) for v in image_shape)
@@ -457,10 +497,14 @@ class INVAEEncoder(LatentEncoder):
             x = images
         out = []
         for start in range(0, x.shape[0], self.batch_size):
-            batch = x[start : start + self.batch_size].to(self.device, non_blocking=True)
-            pixels = batch.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
-            mean, _ = self.model.encode_moments(pixels)
-            out.append((mean * self.scale).float())
+            batch = x[start : start + self.batch_size]
+            pixels = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+            mean, logvar = self.model.encode_moments(pixels)
+            z = mean
+            if self.posterior == "sample":
+                eps = posterior_noise(batch.cpu().numpy(), self.seed, tuple(mean.shape[1:]))
+                z = mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
+            out.append((z * self.scale).float())
         latents = torch.cat(out) if out else torch.zeros((0,) + self.latent_shape(tuple(x.shape[1:])))
         return latents.cpu().numpy() if as_numpy else latents
 

@@ -65,7 +65,7 @@ def test_published_architecture_layout():
 
 
 def test_random_init_encode_decode_small():
-    enc = INVAEEncoder(model=_tiny_model(), device="cpu", batch_size=2)
+    enc = INVAEEncoder(model=_tiny_model(), device="cpu", batch_size=2, posterior="mean")
     images = _images()
     latents = enc.encode(images)
     assert isinstance(latents, np.ndarray) and latents.dtype == np.float32 and latents.shape == (3, 4, 4, 4)
@@ -79,6 +79,50 @@ def test_random_init_encode_decode_small():
     assert torch.is_tensor(enc.encode(torch.from_numpy(images)))
     with pytest.raises(ValueError, match="divisible"):
         enc.latent_shape((18, 18, 3))
+
+
+def test_posterior_sample_is_mean_plus_std_times_content_keyed_noise():
+    model = _tiny_model()
+    images = _images(n=5)
+    enc = INVAEEncoder(model=model, device="cpu", batch_size=2)  # the default: a posterior sample
+    latents = enc.encode(images)
+    with torch.no_grad():
+        mean, logvar = model.encode_moments(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    # the noise, rebuilt here from its documented definition
+    eps = []
+    for image in images:
+        digest = hashlib.sha256(b"invae-posterior|0|" + image.tobytes()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        eps.append(torch.randn(tuple(mean.shape[1:]), generator=gen))
+    expected = 0.3099 * (mean + torch.exp(0.5 * logvar) * torch.stack(eps))
+    np.testing.assert_allclose(latents, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(latents, 0.3099 * mean.numpy(), atol=1e-3)  # the noise is there
+    # an image's latent depends on the image and the seed, not on its batch or position
+    order = np.array([4, 2, 0, 3, 1])
+    one_by_one = INVAEEncoder(model=model, device="cpu", batch_size=1).encode(images[order])
+    np.testing.assert_allclose(one_by_one, latents[order], rtol=1e-4, atol=1e-6)
+    twice = INVAEEncoder(model=model, device="cpu").encode(images[[1, 1]])
+    np.testing.assert_array_equal(twice[0], twice[1])
+    other_seed = INVAEEncoder(model=model, device="cpu", seed=1).encode(images)
+    assert not np.allclose(other_seed, latents, atol=1e-3)
+    assert enc.describe()["statistic"] == "posterior sample (noise: posterior_noise, seed 0)"
+    assert INVAEEncoder(model=model, device="cpu", posterior="mean").describe()["statistic"] == "posterior mean"
+    with pytest.raises(ValueError, match="posterior must be one of"):
+        INVAEEncoder(model=model, device="cpu", posterior="mode")
+
+
+def test_posterior_noise_is_standard_normal():
+    from preprocessing.invae import posterior_noise
+
+    images = _images(n=400, size=4)
+    eps = posterior_noise(images, 0, (8, 4, 4)).double()
+    assert eps.shape == (400, 8, 4, 4) and eps.dtype == torch.float64
+    assert abs(eps.mean().item()) < 4 / (eps.numel() ** 0.5)  # 4 standard errors
+    assert abs(eps.std().item() - 1) < 0.03
+    per_image = eps.reshape(400, -1)
+    # different images draw independent noise: neighbours' noise is uncorrelated
+    corr = (per_image[:-1] * per_image[1:]).mean(1) / (per_image[:-1].std(1) * per_image[1:].std(1))
+    assert abs(corr.mean().item()) < 4 / (128 * 399) ** 0.5
 
 
 def test_checkpoint_loading_checksum_and_keys(tmp_path):
