@@ -474,10 +474,9 @@ class INVAEEncoder(LatentEncoder):
 
     def describe(self) -> Dict[str, Any]:
         cfg = self.model.cfg
-        statistic = (f"posterior sample (noise: posterior_noise, seed {self.seed})" if self.posterior == "sample"
-                     else "posterior mean")
         return {"name": self.name, "scale": self.scale, "checkpoint_sha256": self.checkpoint_sha256,
-                "statistic": statistic, "config": dataclasses.asdict(cfg)}
+                "posterior": self.posterior, "posterior_seed": self.seed if self.posterior == "sample" else None,
+                "config": dataclasses.asdict(cfg)}
 
     def latent_shape(self, image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
         h, w, c = (int(v) for v in image_shape)

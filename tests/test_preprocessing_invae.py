@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -105,8 +106,9 @@ def test_posterior_sample_is_mean_plus_std_times_content_keyed_noise():
     np.testing.assert_array_equal(twice[0], twice[1])
     other_seed = INVAEEncoder(model=model, device="cpu", seed=1).encode(images)
     assert not np.allclose(other_seed, latents, atol=1e-3)
-    assert enc.describe()["statistic"] == "posterior sample (noise: posterior_noise, seed 0)"
-    assert INVAEEncoder(model=model, device="cpu", posterior="mean").describe()["statistic"] == "posterior mean"
+    assert (enc.describe()["posterior"], enc.describe()["posterior_seed"]) == ("sample", 0)
+    mean_encoder = INVAEEncoder(model=model, device="cpu", posterior="mean", seed=3)
+    assert (mean_encoder.describe()["posterior"], mean_encoder.describe()["posterior_seed"]) == ("mean", None)
     with pytest.raises(ValueError, match="posterior must be one of"):
         INVAEEncoder(model=model, device="cpu", posterior="mode")
 
@@ -233,6 +235,27 @@ def test_encode_invae_latents_beside_images_with_stats(images_only):
     ds = ShardDataset(root, "train")
     assert ds.latent_encoder == "identity"
     np.testing.assert_array_equal(ds.get_latents(slice(None)), IdentityEncoder().encode(images))
+
+
+def test_the_trainer_takes_only_shards_encoded_as_the_track_says(images_only):
+    from train import ConfigError, check_dataset_fits_track
+
+    root, _ = images_only
+    track = {"name": "t", "dataset": {"encoder": "invae", "latent_shape": [4, 4, 4], "resolution": 16,
+                                      "channels": 3, "num_classes": 3, "encoder_posterior": "sample",
+                                      "encoder_checkpoint_sha256": None}}
+    with pytest.raises(ConfigError, match="has no latents yet: run python -m preprocessing encode"):
+        check_dataset_fits_track(str(root), ShardDataset(root, "train"), track)
+    encode_dataset(root, INVAEEncoder(model=_tiny_model(), device="cpu"), progress=False, log=lambda *a: None)
+    check_dataset_fits_track(str(root), ShardDataset(root, "train"), track)  # a posterior sample, as pinned
+    for field, value, message in [("encoder_posterior", "mean", "encoder posterior sample (the track's: mean)"),
+                                  ("encoder_checkpoint_sha256", "ab" * 32,
+                                   f"encoder checkpoint_sha256 None (the track's: {'ab' * 32})"),
+                                  ("num_classes", 1000, "number of classes 3 (the track's: 1000)"),
+                                  ("encoder", "identity", "latent encoder invae (the track's: identity)")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_dataset_fits_track(str(root), ShardDataset(root, "train"), track | {
+                "dataset": track["dataset"] | {field: value}})
 
 
 def test_encode_failure_loses_nothing_and_resumes(images_only):

@@ -581,6 +581,22 @@ def test_multi_node_launch_needs_a_rank_and_an_address(tmp_path, tiny_track):
     assert "NODE_RANK" in proc.stderr and "MASTER_ADDR" in proc.stderr
 
 
+def test_a_dataset_that_is_not_the_tracks_data_is_refused_before_training(tmp_path, digits_dir, capsys):
+    from conftest import make_track
+    spec = json.loads(make_track(tmp_path / "t.json", digits_dir).read_text())
+    spec["dataset"]["latent_shape"] = [4, 8, 8]
+    spec["dataset"]["encoder_posterior"] = "sample"  # identity shards record no posterior
+    (tmp_path / "t.json").write_text(json.dumps(spec))
+    args = ["--track", str(tmp_path / "t.json"), "--runs_dir", str(tmp_path / "runs"), "--run_name", "x"]
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{digits_dir}: the dataset is not the data of track 'tiny'" in err
+    assert "latent shape (1, 8, 8) (the track's: (4, 8, 8))" in err
+    assert "encoder posterior None (the track's: sample)" in err
+    assert "image shape" not in err and "latent encoder" not in err  # only what differs is named
+    assert not list((tmp_path / "runs" / "x").glob("checkpoints/*"))
+
+
 def test_cli_reports_bad_resume_files_and_flags_without_a_traceback(tmp_path, run_args, capsys):
     missing = tmp_path / "missing.safetensors"
     assert train.main(run_args + ["--run_name", "m", "--resume", str(missing)]) == 1
