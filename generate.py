@@ -473,8 +473,8 @@ def _image_format(path: Path) -> str:
 def check_model_fits_track(meta: dict, track: dict) -> None:
     """A model samples a track only with the latent shape and classes it was trained on (else it
     fails deep in its forward, or samples labels it has no embedding for)."""
-    channels, size, _ = track["dataset"]["latent_shape"]
-    wanted = {"in_channels": channels, "input_size": size, "num_classes": track["dataset"]["num_classes"]}
+    from train import track_model_shape
+    wanted = track_model_shape(track)
     differ = [f"{k} {meta.get(k)} (the track's: {v})" for k, v in wanted.items() if int(meta.get(k, -1)) != v]
     if differ:
         raise ValueError(f"the model was trained for other data than track {track['name']!r}: {', '.join(differ)}")

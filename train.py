@@ -670,11 +670,14 @@ def model_options(cfg: Config, teacher_dims: tuple[int, int] = (0, 0)) -> ModelO
                         time_shift_base=cfg.time_shift_base)
 
 
+def track_model_shape(track: dict) -> dict:
+    """What a track's data fixes of the network: its input (the latent grid) and its classes."""
+    channels, size, _ = track["dataset"]["latent_shape"]
+    return {"input_size": int(size), "in_channels": int(channels), "num_classes": int(track["dataset"]["num_classes"])}
+
+
 def build_model(cfg: Config, track: dict, teacher_dims: tuple[int, int] = (0, 0)) -> SiT:
-    data = track["dataset"]
-    channels, size, _ = data["latent_shape"]
-    return SiT(cfg.model, input_size=size, in_channels=channels, num_classes=data["num_classes"],
-               opts=model_options(cfg, teacher_dims))
+    return SiT(cfg.model, **track_model_shape(track), opts=model_options(cfg, teacher_dims))
 
 
 # =============================================================================================

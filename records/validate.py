@@ -113,12 +113,11 @@ def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
     cfg = train.Config(**{k: v for k, v in embedded.items() if k in fields})
     teacher = (int(options.get("repa_dim", 0)), int(options.get("reg_dim", 0)))  # widths of the teacher
     implied = dataclasses.asdict(train.model_options(cfg, teacher))
-    channels, size, _ = track["dataset"]["latent_shape"]
-    built = {"model": metadata.get("model"), "options": options, "input_size": metadata.get("input_size"),
-             "in_channels": metadata.get("in_channels"), "num_classes": metadata.get("num_classes"),
-             "track": metadata.get("track")}
-    wanted = {"model": cfg.model, "options": implied, "input_size": str(size), "in_channels": str(channels),
-              "num_classes": str(track["dataset"]["num_classes"]), "track": record["track"]}
+    shape = train.track_model_shape(track)
+    built = {"model": metadata.get("model"), "options": options, "track": metadata.get("track")} | {
+        k: metadata.get(k) for k in shape}
+    wanted = {"model": cfg.model, "options": implied, "track": record["track"]} | {
+        k: str(v) for k, v in shape.items()}
     if built != wanted:  # what generate and eval.sh rebuild the network from
         keys = sorted(k for k in wanted if built[k] != wanted[k])
         raise RecordError(f"{path}: the architecture in its metadata ({keys}) is not the one its config implies")
