@@ -72,11 +72,20 @@ class LatentEncoder(abc.ABC):
         """Float NCHW latents -> uint8 NHWC torch tensor (on the latents' device)."""
 
 
-def unit_range_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Decoded NCHW pixels in [-1, 1] -> uint8 NHWC, as every decoder stores them: rounded, as
-    DiT/REPA/SR-DiT's samplers store pixels (clamp(127.5 x + 128) then uint8); guided-diffusion's
-    image_sample.py truncates instead (+0.5 level on average)."""
-    pixels = torch.round((x + 1.0) * 127.5).clamp_(0, 255)
+def unit_range_to_uint8(x: torch.Tensor, *, truncate: bool) -> torch.Tensor:
+    """Decoded NCHW pixels in [-1, 1] -> uint8 NHWC, 255 (x + 1) / 2 clamped to [0, 255], then:
+
+    * ``truncate=True``: cut to the integer below, as SR-DiT's generate.py (SpeedrunDiT @ c24c2ff,
+      and the REG branch whose results.txt holds its reported numbers) and guided-diffusion's
+      image_sample.py store samples: ``clamp(255 * (x + 1) / 2, 0, 255).to(uint8)``; the numbers
+      the ImageNet tracks are compared with were scored on such pixels;
+    * ``truncate=False``: rounded to nearest (half to even), the exact inverse of the identity
+      encoder. (DiT/REPA store ``clamp(127.5 x + 128).to(uint8)``, i.e. round half up.)
+    """
+    if truncate:  # SR-DiT's own operations, in its order
+        pixels = (255.0 * ((x + 1.0) / 2.0)).clamp(0, 255).floor()
+    else:
+        pixels = torch.round((x + 1.0) * 127.5).clamp_(0, 255)
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
@@ -112,7 +121,7 @@ class IdentityEncoder(LatentEncoder):
             raise ValueError(f"decode() expects NCHW latents of rank 4, got shape {tuple(x.shape)}")
         if not torch.is_floating_point(x):
             raise ValueError(f"decode() expects floating point latents, got dtype {x.dtype}")
-        return unit_range_to_uint8(x.to(torch.float32))
+        return unit_range_to_uint8(x.to(torch.float32), truncate=False)
 
     def __repr__(self) -> str:
         return "IdentityEncoder()"

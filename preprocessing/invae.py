@@ -514,7 +514,7 @@ class INVAEEncoder(LatentEncoder):
             raise ValueError(f"decode() expects NCHW latents of rank 4, got {getattr(z, 'shape', type(z))}")
         param = next(self.model.parameters())
         pixels = self.model.decode(z.to(param.device, torch.float32) / self.scale)
-        return unit_range_to_uint8(pixels).to(z.device)
+        return unit_range_to_uint8(pixels, truncate=True).to(z.device)  # as SR-DiT stores samples
 
     def __repr__(self) -> str:
         return f"INVAEEncoder(device={self.device}, checkpoint_sha256={self.checkpoint_sha256})"

@@ -77,6 +77,13 @@ def test_random_init_encode_decode_small():
     assert np.array_equal(enc.encode(images), latents)  # deterministic
     decoded = enc.decode(latents)
     assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (3, 16, 16, 3)
+    # pixels are stored as SR-DiT's generate.py stores them: 255 (x + 1) / 2, clamped, truncated
+    with torch.no_grad():
+        x = enc.model.decode(torch.from_numpy(latents) / 0.3099).double().permute(0, 2, 3, 1)
+    expected = np.floor(np.clip(255 * (x.numpy() + 1) / 2, 0, 255)).astype(np.uint8)
+    inside = (x.abs() < 0.99).numpy()
+    assert inside.mean() > 0.5 and (decoded.numpy() != np.round(np.clip(127.5 * (x.numpy() + 1), 0, 255)))[inside].any()
+    np.testing.assert_array_equal(decoded.numpy(), expected)
     assert torch.is_tensor(enc.encode(torch.from_numpy(images)))
     with pytest.raises(ValueError, match="divisible"):
         enc.latent_shape((18, 18, 3))
