@@ -881,22 +881,22 @@ def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tens
 # =============================================================================================
 
 
-def check_dataset_fits_track(root: str, dataset, track: dict) -> None:
-    """The shards are the data the track names: its latent encoder, latent and image shapes and
-    classes, and, where the track pins them, the encoder's checkpoint and posterior (what
-    ``preprocessing encode`` recorded in the manifest). Another encoding would train a run whose
-    record no other record can be compared with, or fail deep inside the model."""
-    from preprocessing.shards import read_manifest
-    data, where = track["dataset"], f"{root}: the dataset"
+def check_dataset_fits_track(dataset, track: dict) -> None:
+    """The shards (a preprocessing.shards.ShardDataset) are the data the track names: its latent
+    encoder, latent and image shapes and classes, and, where the track pins them, the encoder's
+    checkpoint and posterior (what ``preprocessing encode`` recorded in the manifest). Another
+    encoding would train a run whose record no other record can be compared with, or fail deep
+    inside the model."""
+    data, where = track["dataset"], f"{dataset.root}: the dataset"
     if not dataset.has_latents:
-        raise ConfigError(f"{where} has no latents yet: run python -m preprocessing encode {root} "
+        raise ConfigError(f"{where} has no latents yet: run python -m preprocessing encode {dataset.root} "
                           f"--encoder {data['encoder']} (preprocessing/README.md)")
     wanted = {"latent encoder": data["encoder"], "latent shape": tuple(data["latent_shape"]),
               "image shape": (data["resolution"], data["resolution"], data["channels"]),
               "number of classes": data["num_classes"]}
     found = {"latent encoder": dataset.latent_encoder, "latent shape": tuple(dataset.latent_shape),
              "image shape": tuple(dataset.image_shape), "number of classes": dataset.num_classes}
-    info = (read_manifest(root).get("metadata") or {}).get("latent_encoder_info") or {}
+    info = (dataset.manifest.get("metadata") or {}).get("latent_encoder_info") or {}
     for field, key in (("encoder_checkpoint_sha256", "checkpoint_sha256"), ("encoder_posterior", "posterior")):
         if data.get(field) is not None:
             wanted[f"encoder {key}"], found[f"encoder {key}"] = data[field], info.get(key)
@@ -1300,7 +1300,7 @@ def train(cfg: Config) -> dict:
         ensure_digits(cfg.data_dir)
     accelerator.wait_for_everyone()
     dataset = ShardDataset(cfg.data_dir, track["dataset"]["train_split"])
-    check_dataset_fits_track(cfg.data_dir, dataset, track)
+    check_dataset_fits_track(dataset, track)
     data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
     if prior:
         check_same_run(prior["extra"], resume_path, data_manifest, code, cfg.write_record)

@@ -253,16 +253,16 @@ def test_the_trainer_takes_only_shards_encoded_as_the_track_says(images_only):
                                       "channels": 3, "num_classes": 3, "encoder_posterior": "sample",
                                       "encoder_checkpoint_sha256": None}}
     with pytest.raises(ConfigError, match="has no latents yet: run python -m preprocessing encode"):
-        check_dataset_fits_track(str(root), ShardDataset(root, "train"), track)
+        check_dataset_fits_track(ShardDataset(root, "train"), track)
     encode_dataset(root, INVAEEncoder(model=_tiny_model(), device="cpu"), progress=False, log=lambda *a: None)
-    check_dataset_fits_track(str(root), ShardDataset(root, "train"), track)  # a posterior sample, as pinned
+    check_dataset_fits_track(ShardDataset(root, "train"), track)  # a posterior sample, as pinned
     for field, value, message in [("encoder_posterior", "mean", "encoder posterior sample (the track's: mean)"),
                                   ("encoder_checkpoint_sha256", "ab" * 32,
                                    f"encoder checkpoint_sha256 None (the track's: {'ab' * 32})"),
                                   ("num_classes", 1000, "number of classes 3 (the track's: 1000)"),
                                   ("encoder", "identity", "latent encoder invae (the track's: identity)")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
-            check_dataset_fits_track(str(root), ShardDataset(root, "train"), track | {
+            check_dataset_fits_track(ShardDataset(root, "train"), track | {
                 "dataset": track["dataset"] | {field: value}})
 
 
