@@ -11,7 +11,8 @@ Conventions
   over by the caller.
 * Every sampler integrates from ``t = 1`` (``x1`` = noise) down to ``t = 0``.
 * Samplers compute in float32, or in float64 when ``x1`` is float64, and return
-  the final state in that compute dtype.  They keep only the current state
+  the final state in that compute dtype.  A protocol's ``state_dtype`` picks it
+  (:func:`state_dtype`); the network itself always runs in float32.  They keep only the current state
   (no list of intermediates) and run under ``torch.no_grad()``.
 * ``progress`` (optional) is called as ``progress(1)`` once per step, so a
   ``tqdm`` bar's ``update`` method can be passed directly.
@@ -252,6 +253,19 @@ from pathlib import Path
 import numpy as np
 
 
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def state_dtype(protocol: dict) -> torch.dtype:
+    """The dtype the sampler integrates the state (and combines guidance) in: protocol['state_dtype'],
+    default float32. REPA's and SR-DiT's SDE samplers keep it in float64 and call the network in
+    float32 (SR-DiT samplers.py @ c24c2ff), so the ImageNet tracks name float64."""
+    name = protocol.get("state_dtype", "float32")
+    if name not in STATE_DTYPES:
+        raise ValueError(f"unknown state_dtype {name!r} in the protocol: expected one of {sorted(STATE_DTYPES)}")
+    return STATE_DTYPES[name]
+
+
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The private random stream of sample `index` under `seed`."""
     key = hashlib.sha256(f"sample/{seed}/{index}".encode()).digest()
@@ -302,20 +316,22 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, l
     n = math.prod(latent_shape)
 
     def call(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, path_drop: bool) -> torch.Tensor:
+        z, t = z.float(), t.float()  # the network runs in float32 whatever the state's dtype
         x = z[:, :n].reshape(-1, *latent_shape)
         out = model(x, t, labels, cls_t=z[:, n:] if reg_dim else None, routing=Routing(path_drop=path_drop))
         parts = [out["v"].flatten(1)] + ([out["cls_v"]] if reg_dim else [])
-        return torch.cat(parts, dim=1).to(z.dtype)
+        return torch.cat(parts, dim=1)
 
     weights = torch.cat([torch.full((n,), float(scale)), torch.full((reg_dim,), float(cls_scale))])
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if (scale == 1.0 and cls_scale == 1.0) or not (low <= float(t[0]) <= high):
-            return call(z, t, y, False)
+            return call(z, t, y, False).to(z.dtype)
         if path_drop_guidance:
             cond, uncond = call(z, t, y, False), call(z, t, null, True)
         else:
             cond, uncond = call(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), False).chunk(2)
+        cond, uncond = cond.to(z.dtype), uncond.to(z.dtype)  # guidance combined in the state's dtype
         return uncond + weights.to(z.device, z.dtype) * (cond - uncond)
     return velocity
 
@@ -338,7 +354,8 @@ def sample_latents(model: torch.nn.Module, indices: Sequence[int], latent_shape:
     seed = int(protocol["seed"])
     dim = math.prod(latent_shape) + reg_dim
     gens = [sample_generator(seed, int(i)) for i in indices]
-    z1 = torch.stack([torch.randn(dim, generator=g) for g in gens]).to(device)
+    # drawn in float32 whatever the state's dtype, so a float64 state starts from the same numbers
+    z1 = torch.stack([torch.randn(dim, generator=g) for g in gens]).to(device, state_dtype(protocol))
     y = sample_labels(indices, num_classes, protocol.get("labels", "balanced"), seed).to(device)
     velocity = guided_velocity(model, y, num_classes, latent_shape, float(protocol.get("guidance_scale", 1.0)),
                                protocol.get("guidance_interval", (0.0, 1.0)), protocol.get("cls_guidance_scale"),
@@ -503,6 +520,8 @@ def main(argv: Optional[list] = None) -> int:
                         help="SPRINT path drop in the unconditional branch (true/false)")
     parser.add_argument("--labels", choices=["balanced", "random"], default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--state_dtype", choices=sorted(STATE_DTYPES), default=None,
+                        help="dtype the sampler integrates in (the network runs in float32)")
     parser.add_argument("--batch_size", type=int, default=1000)
     parser.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                         help="triton: the fused kernels of kernels/; torch: SDPA and plain ops; auto: torch, "
@@ -525,7 +544,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     protocol = dict(track["evaluation"])
     for key in ("sampler", "num_steps", "num_samples", "guidance_scale", "guidance_interval", "cls_guidance_scale",
-                "path_drop_guidance", "labels", "seed"):
+                "path_drop_guidance", "labels", "seed", "state_dtype"):
         if getattr(args, key) is not None:
             protocol[key] = getattr(args, key)
     protocol.pop("eval_seeds", None)  # one batch, of protocol["seed"]

@@ -76,6 +76,47 @@ def test_samples_do_not_depend_on_batching_or_sharding(sampler):
 
 
 
+class Float32Only(LinearField):
+    """LinearField that insists on float32 inputs, as a network in float32 would."""
+
+    def forward(self, x, t, y, cls_t=None, routing=None):
+        assert x.dtype == t.dtype == torch.float32, (x.dtype, t.dtype)
+        return super().forward(x, t, y)
+
+
+def test_float64_state_is_integrated_in_float64_around_a_float32_network():
+    """SR-DiT's sampler (the ImageNet tracks' protocol): state and guidance in float64, network
+    inputs cast to float32. Rebuilt here step by step from the protocol's definition."""
+    model = Float32Only(10)
+    protocol = {"sampler": "euler_maruyama", "num_steps": 6, "seed": 2, "labels": "balanced",
+                "guidance_scale": 2.5, "guidance_interval": [0.3, 1.0], "state_dtype": "float64"}
+    idx, shape, dim = range(5), (1, 2, 2), 4
+    got, y = sample_latents(model, idx, shape, 10, protocol)
+
+    gens = [generate.sample_generator(2, i) for i in idx]
+    x = torch.stack([torch.randn(dim, generator=g) for g in gens]).double()
+    ts = torch.cat([torch.linspace(1.0, 0.04, 6, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    null = torch.full_like(y, 10)
+    for i in range(6):
+        t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
+        t32 = torch.full((5,), t, dtype=torch.float32)
+        cond = model(x.float().view(-1, *shape), t32, y)["v"].flatten(1).double()
+        v = cond
+        if 0.3 <= t <= 1.0:
+            uncond = model(x.float().view(-1, *shape), t32, null)["v"].flatten(1).double()
+            v = uncond + 2.5 * (cond - uncond)
+        x = x + dt * ((2.0 - t) * v + x)
+        if i < 5:
+            x = x + (2.0 * t * abs(dt)) ** 0.5 * torch.stack([torch.randn(dim, generator=g) for g in gens]).double()
+    torch.testing.assert_close(got.double(), x.float().double().view(-1, *shape), rtol=0, atol=0)
+
+    in_float32, _ = sample_latents(model, idx, shape, 10, protocol | {"state_dtype": "float32"})
+    assert not torch.equal(in_float32, got)  # the state's rounding is observable ...
+    torch.testing.assert_close(in_float32, got, rtol=1e-5, atol=1e-5)  # ... and small
+    with pytest.raises(ValueError, match="unknown state_dtype 'bfloat16'"):
+        sample_latents(model, idx, shape, 10, protocol | {"state_dtype": "bfloat16"})
+
+
 def test_sde_noise_drawn_ahead_on_a_thread_is_the_noise_drawn_in_line():
     """What CUDA runs use by default: the same per-sample streams, step after step."""
     import threading
