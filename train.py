@@ -158,7 +158,20 @@ def load_track(track: str) -> dict:
     for key in ("name", "dataset", "budget", "train_defaults", "evaluation", "primary_metric"):
         if key not in spec:
             raise ConfigError(f"track file {path} lacks the field {key!r}")
+    for where, value in _sha256_pins(spec):  # compared as strings with what hashlib prints
+        if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+            raise ConfigError(f"track file {path}: {where} is {value!r}, not a sha256 as 64 lowercase hex digits "
+                              "(or null while unpinned)")
     return spec
+
+
+def _sha256_pins(spec, prefix: str = ""):
+    """(dotted key, value) of every field of a track whose name ends in 'sha256'."""
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            yield from _sha256_pins(value, f"{prefix}{key}.")
+        elif key.endswith("sha256"):
+            yield f"{prefix}{key}", value
 
 
 def parse_config(argv: list[str] | None = None) -> Config:

@@ -1,6 +1,7 @@
 """train.py: the model, the data order, the loss inputs, checkpoints, resume and failure paths."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -169,6 +170,23 @@ def test_config_layers_defaults_track_and_flags(tiny_track):
         parse_config(["--track", str(tiny_track), "--no_such_flag", "1"])
     with pytest.raises(FileNotFoundError, match="known tracks"):
         parse_config(["--track", "no_such_track"])
+
+
+def test_a_track_pins_sha256_as_lowercase_hex_or_null(tmp_path):
+    """Pins are compared as strings with what hashlib prints: an uppercase or short digest would
+    refuse every real file, so the track itself is refused, naming the field."""
+    spec = json.loads((train.TRACKS_DIR / "imagenet256_400k.json").read_text())
+    for name in sorted(p.stem for p in train.TRACKS_DIR.glob("*.json")):
+        train.load_track(name)  # the committed tracks: pinned lowercase, or null
+    digest = hashlib.sha256(b"x").hexdigest()
+    spec["dataset"]["encoder_checkpoint_sha256"] = digest
+    (tmp_path / "ok.json").write_text(json.dumps(spec))
+    assert train.load_track(str(tmp_path / "ok.json"))["dataset"]["encoder_checkpoint_sha256"] == digest
+    for bad in (digest.upper(), digest[:63], 7):
+        spec["evaluation"]["reference_sha256"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(spec))
+        with pytest.raises(train.ConfigError, match=r"bad\.json: evaluation\.reference_sha256 is .* 64 lowercase hex"):
+            train.load_track(str(tmp_path / "bad.json"))
 
 
 # ---- checkpoints --------------------------------------------------------------------------
