@@ -6,6 +6,7 @@
 # could not run (no verdict).
 #   bash eval.sh <record> --retrain   cheap tracks: re-train from the record's config first
 #   bash eval.sh <record> --out DIR   keep the regenerated samples (never inside records/)
+#   NPROC=8 bash eval.sh <record>     sampling processes (default: one per visible GPU, else 1)
 set -euo pipefail
 # every argument that is not a flag is a path (the record, --out's, --root's): relative to where
 # the command was typed, while the reproduction runs from the repository root (the tracks' data)
@@ -16,4 +17,6 @@ for arg in "$@"; do
 done
 cd "$(dirname "$0")"
 source scripts/env.sh
-exec "$PY" -m records.reproduce "${ARGS[@]}"
+source scripts/gpus.sh
+GPUS=$(visible_gpus)
+exec "$PY" -m records.reproduce --processes "${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}" "${ARGS[@]}"

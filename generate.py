@@ -500,14 +500,19 @@ def check_model_fits_track(meta: dict, track: dict) -> None:
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
-    from train import ConfigError, _str2bool, load_model, load_track, set_kernels
+    from train import (ConfigError, _str2bool, evaluation_sample_files, load_model, load_track,
+                       sample_evaluation_seeds, set_kernels, use_tf32)
 
     parser = argparse.ArgumentParser(description="Sample an exported model with a track's protocol "
                                      "(flags override single protocol fields) into an ADM .npz")
     parser.add_argument("model", help="exported model file (model.safetensors of a run or record)")
     parser.add_argument("--track", default=None, help="track name or JSON path (default: the model's)")
-    parser.add_argument("--out", default="samples.npz")
+    parser.add_argument("--out", default=None, help="the .npz to write (default: samples.npz)")
     parser.add_argument("--grid", default=None, help="PNG grid of the first 100 samples")
+    parser.add_argument("--eval_dir", default=None,
+                        help="instead of --out/--grid/--seed: every evaluation seed of the protocol into this "
+                             "folder, named as a record's artefacts (samples.npz, samples_seed<k>.npz, grid.png), "
+                             "as train.py samples at the end of a run and eval.sh regenerates a record")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--num_steps", type=int, default=None)
     parser.add_argument("--num_samples", type=int, default=None)
@@ -530,6 +535,8 @@ def main(argv: Optional[list] = None) -> int:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.device.type == "cuda":
+        use_tf32()  # as train.py samples at the end of a run
     try:
         model, meta = load_model(Path(args.model))
     except (FileNotFoundError, ValueError) as e:
@@ -547,12 +554,24 @@ def main(argv: Optional[list] = None) -> int:
                 "path_drop_guidance", "labels", "seed", "state_dtype"):
         if getattr(args, key) is not None:
             protocol[key] = getattr(args, key)
-    protocol.pop("eval_seeds", None)  # one batch, of protocol["seed"]
+    if args.eval_dir is None:
+        protocol.pop("eval_seeds", None)  # one batch, of protocol["seed"]
     try:  # before any sampling: what cannot be written or run
         from preprocessing.shards import check_output_file
-        check_output_file(args.out)
-        if args.grid:
-            _image_format(check_output_file(args.grid))
+        if args.eval_dir is not None:
+            given = [f"--{k}" for k in ("out", "grid", "seed") if getattr(args, k) is not None]
+            if given:
+                raise ValueError(f"--eval_dir samples the protocol's evaluation seeds into its own file names; "
+                                 f"drop {', '.join(given)}")
+            eval_files = evaluation_sample_files({"evaluation": protocol}, Path(args.eval_dir))
+            for _, path in eval_files:
+                check_output_file(path)
+            check_output_file(Path(args.eval_dir) / "grid.png")
+        else:
+            args.out = args.out or "samples.npz"
+            check_output_file(args.out)
+            if args.grid:
+                _image_format(check_output_file(args.grid))
         check_model_fits_track(meta, track)
     except ValueError as e:
         print(f"[generate] error: {e}", file=sys.stderr)
@@ -561,15 +580,21 @@ def main(argv: Optional[list] = None) -> int:
     from evaluations.imagenet import leave_process_group
     try:
         set_kernels(model, args.kernels, accelerator.device)  # ConfigError: a ValueError
-        generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
-                        accelerator, args.batch_size)
+        if args.eval_dir is not None:
+            sample_evaluation_seeds(model, dict(track, evaluation=protocol), Path(args.eval_dir), accelerator,
+                                    args.batch_size)
+        else:
+            generate_to_npz(model, track, protocol, Path(args.out), args.grid and Path(args.grid),
+                            accelerator, args.batch_size)
     except ValueError as e:  # kernels or a protocol this model cannot be run with
         print(f"[generate] error: {e}", file=sys.stderr)
         return 1
     finally:
         leave_process_group()
     if accelerator.is_main_process:
-        print(f"[generate] wrote {args.out} ({protocol['num_samples']} samples, {protocol['sampler']} "
+        wrote = args.out if args.eval_dir is None else \
+            f"{args.eval_dir}/ (evaluation seeds {[seed for seed, _ in eval_files]})"
+        print(f"[generate] wrote {wrote} ({protocol['num_samples']} samples, {protocol['sampler']} "
               f"{protocol['num_steps']} steps, NFE/sample {nfe(protocol['sampler'], protocol['num_steps'])}"
               f"{' x2 with guidance' if protocol.get('guidance_scale', 1.0) != 1.0 else ''}); "
               f"protocol: {json.dumps(protocol, sort_keys=True)}")

@@ -1150,14 +1150,21 @@ def agreed_run_name(cfg: Config) -> str:
     return name[0]
 
 
+def use_tf32() -> None:
+    """TF32 matmuls and convolutions on GPUs, for training and for sampling (SR-DiT's train.py and
+    generate.py enable them too), so a record's samples and their regeneration (generate.py,
+    eval.sh) use the same arithmetic."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     on_gpu = _on_gpu()
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
     if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_tf32()
     return accelerator
 
 
@@ -1517,39 +1524,57 @@ def _resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
 # =============================================================================================
 # End of a run: samples with the track's protocol, metrics, record, leaderboard
 # =============================================================================================
-def score_model(model: nn.Module, track: dict, out_dir: Path, accelerator=None) -> tuple[dict, float, float]:
-    """The track's evaluation protocol over its evaluation seeds: samples (samples.npz for the first
-    seed, samples_seed<k>.npz for the others, a grid of the first), then metrics on rank 0.
-    Returns (evaluation output | {} on other ranks, sampling seconds, scoring seconds); the output
-    has every seed's metrics ("runs"), their mean and sample standard deviation, and what scored
-    them ("provenance": the reference batch's and the networks' sha256)."""
-    import generate
-    from evaluations.evaluate import score_samples
-
+def evaluation_sample_files(track: dict, out_dir: Path) -> list[tuple[int, Path]]:
+    """(seed, samples file) of every evaluation seed of the track's protocol, named as the record's
+    artefacts: samples.npz for the first seed, samples_seed<k>.npz for the others (the grid,
+    grid.png, shows the first)."""
+    from records.record import artefact_file_name, seed_samples_key
     protocol = track["evaluation"]
     seeds = protocol.get("eval_seeds", [protocol["seed"]])
-    runs, sample_seconds, eval_seconds, provenance = [], 0.0, 0.0, None
-    is_main = accelerator is None or accelerator.is_main_process
-    for k, seed in enumerate(seeds):
-        path = out_dir / ("samples.npz" if k == 0 else f"samples_seed{seed}.npz")
-        t0 = time.perf_counter()
-        generate.generate_to_npz(model, track, dict(protocol, seed=seed), path,
-                                 grid_path=out_dir / "grid.png" if k == 0 else None, accelerator=accelerator)
-        sample_seconds += time.perf_counter() - t0
-        if is_main:
-            t0 = time.perf_counter()
-            metrics, provenance = score_samples(path, track)  # the same networks and reference every seed
-            runs.append({"seed": seed, "metrics": metrics})
-            eval_seconds += time.perf_counter() - t0
-    if not is_main:
-        return {}, sample_seconds, eval_seconds
+    return [(seed, out_dir / artefact_file_name("samples" if k == 0 else seed_samples_key(seed)))
+            for k, seed in enumerate(seeds)]
+
+
+def sample_evaluation_seeds(model: nn.Module, track: dict, out_dir: Path, accelerator=None,
+                            batch_size: int = 1000) -> float:
+    """Every evaluation seed's samples (evaluation_sample_files) and the first seed's grid, sharded
+    over the accelerator's processes; returns the seconds it took."""
+    import generate
+    t0 = time.perf_counter()
+    for k, (seed, path) in enumerate(evaluation_sample_files(track, out_dir)):
+        generate.generate_to_npz(model, track, dict(track["evaluation"], seed=seed), path,
+                                 grid_path=out_dir / "grid.png" if k == 0 else None, accelerator=accelerator,
+                                 batch_size=batch_size)
+    return time.perf_counter() - t0
+
+
+def score_evaluation_seeds(track: dict, out_dir: Path) -> dict:
+    """The evaluation output of the samples sample_evaluation_seeds wrote: every seed's metrics
+    ("runs"), their mean and sample standard deviation, and what scored them ("provenance": the
+    reference batch's and the networks' sha256)."""
+    from evaluations.evaluate import score_samples
+    runs, provenance = [], None
+    for seed, path in evaluation_sample_files(track, out_dir):
+        metrics, provenance = score_samples(path, track)  # the same networks and reference every seed
+        runs.append({"seed": seed, "metrics": metrics})
     names = sorted(runs[0]["metrics"])
     values = {m: np.array([r["metrics"][m] for r in runs], dtype=np.float64) for m in names}
-    evaluation = {"protocol": protocol, "runs": runs,
-                  "mean": {m: float(v.mean()) for m, v in values.items()},
-                  "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
-                  "provenance": provenance}
-    return evaluation, sample_seconds, eval_seconds
+    return {"protocol": track["evaluation"], "runs": runs,
+            "mean": {m: float(v.mean()) for m, v in values.items()},
+            "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
+            "provenance": provenance}
+
+
+def score_model(model: nn.Module, track: dict, out_dir: Path, accelerator=None) -> tuple[dict, float, float]:
+    """The track's evaluation protocol over its evaluation seeds: samples on every process, then
+    the metrics on rank 0. Returns (score_evaluation_seeds' output | {} on other ranks, sampling
+    seconds, scoring seconds)."""
+    sample_seconds = sample_evaluation_seeds(model, track, out_dir, accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return {}, sample_seconds, 0.0
+    t0 = time.perf_counter()
+    evaluation = score_evaluation_seeds(track, out_dir)
+    return evaluation, sample_seconds, time.perf_counter() - t0
 
 
 def finish_run(cfg: Config, track: dict, run_dir: Path, ema: nn.Module, accelerator, log: RunLog,

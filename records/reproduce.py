@@ -5,7 +5,9 @@
 2. loads the checkpoint (safetensors only: anything that would unpickle code is refused), or with
    --retrain re-trains from the record's config (tracks marked retrain_allowed, e.g. digits) with
    this checkout's train.py, which must be the one that made the record;
-3. regenerates the samples for every evaluation seed of the track's protocol and rescores them;
+3. regenerates the samples for every evaluation seed of the track's protocol (on the GPU when
+   there is one; with --processes N over N processes, as eval.sh does for N visible GPUs) and
+   rescores them;
 4. prints recorded vs reproduced for every seed and the mean, and a one-line verdict; exit 0 =
    every number reproduced within the track's stated tolerance, 1 = differs, 2 = the record or
    its artefacts are invalid, 3 = the reproduction could not run (bad arguments, an --out inside
@@ -16,10 +18,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import traceback
 from pathlib import Path
+
+import torch
 
 from records.record import RecordError, artefact_file_name, artefact_path, load_record, seed_samples_key
 
@@ -71,11 +77,33 @@ def retrain_args(record: dict, work: Path, track_arg: str) -> list[str]:
     return args
 
 
+def sample_in_processes(model_path: Path, track_file: Path, work: Path, processes: int) -> None:
+    """Every evaluation seed's samples into `work` by `generate.py --eval_dir` launched over
+    `processes` processes (one per GPU; gloo processes on a machine without one), sharded as
+    train.py's end of run shards them: the same samples as one process draws."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for this launch's process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # real gloo processes (accelerate's --cpu would start one)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "generate.py"), str(model_path), "--track", str(track_file), "--eval_dir", str(work)]
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise RuntimeError(f"sampling over {processes} processes failed (its output is above)")
+
+
 def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None = None,
-              retrain: bool = False, other_code: bool = False) -> tuple[bool, list[tuple], list[tuple]]:
+              retrain: bool = False, other_code: bool = False, processes: int = 1
+              ) -> tuple[bool, list[tuple], list[tuple]]:
     """Regenerates and rescores (or, with retrain, re-trains from the record's config first) with
     the track's protocol, and compares every seed's metrics and their mean with the record's,
     within the track's tolerance. `root`: the records tree (its tracks/ defines the track).
+    The samples are drawn on the GPU when there is one, over `processes` processes when more
+    than one (sample_in_processes); the metrics are computed in this process.
     Returns (every number within tolerance, the metric rows, each seed's sample comparison)."""
     import train
     from records.validate import absolute_folder, validate_tree
@@ -116,7 +144,17 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
             model, _ = train.load_model(model_path)
         except (FileNotFoundError, ValueError) as e:
             raise RecordError(str(e)) from e
-        evaluation, _, _ = train.score_model(model, spec, work)
+        if processes > 1:
+            del model  # it loads: each process of the launch loads its own
+            sample_in_processes(model_path, track_file, work, processes)
+        else:
+            device = torch.device("cuda" if train._on_gpu() else "cpu")
+            if device.type == "cuda":
+                train.use_tf32()  # the arithmetic train.py sampled the record with
+            model.to(device)
+            train.set_kernels(model, "auto", device)
+            train.sample_evaluation_seeds(model, spec, work)
+        evaluation = train.score_evaluation_seeds(spec, work)
         samples = _compare_samples(record_dir, record, work)
     rows, ok = [], True
     reruns = {r["seed"]: r["metrics"] for r in evaluation["runs"]}
@@ -184,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-train from the record's config first (cheap tracks only, e.g. digits)")
     parser.add_argument("--other-code", action="store_true",
                         help="with --retrain: allow a train.py other than the record's (the verdict says so)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="sample over this many processes, one per GPU (eval.sh: one per visible GPU)")
     # exit codes: 0 reproduced, 1 not reproduced, 2 invalid record, 3 could not run (bad arguments too)
     parser.error = lambda message: parser.exit(3, f"{parser.prog}: error: {message}\n")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, not {args.processes}")
     try:
         ok, rows, samples = reproduce(Path(args.record), Path(args.out) if args.out else None,
-                                      Path(args.root), args.retrain, args.other_code)
+                                      Path(args.root), args.retrain, args.other_code, args.processes)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2

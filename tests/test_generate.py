@@ -260,4 +260,13 @@ def test_generate_cli_refuses_unwritable_outputs_and_other_tracks_before_samplin
     assert generate.main(args + ["--out", str(tmp_path / "s.npz"), "--track", str(tmp_path / "other.json")]) == 1
     err = capsys.readouterr().err
     assert "trained for other data than track 'digits': input_size 8 (the track's: 16), num_classes 10" in err
-    assert not sampled and not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".*part*"))
+    # --eval_dir names its own files: a single-batch output or seed beside it is refused, as is a
+    # folder whose seed file is taken by a folder
+    for extra in (["--out", str(tmp_path / "s.npz")], ["--seed", "4"], ["--grid", str(tmp_path / "g.png")]):
+        assert generate.main(args + ["--eval_dir", str(tmp_path / "eval"), *extra]) == 1
+        assert f"drop {extra[0]}" in capsys.readouterr().err
+    (tmp_path / "eval" / "samples_seed1.npz").mkdir(parents=True)
+    assert generate.main(args + ["--eval_dir", str(tmp_path / "eval")]) == 1
+    assert f"output {tmp_path / 'eval' / 'samples_seed1.npz'} is a folder" in capsys.readouterr().err
+    assert not sampled and not [p for p in tmp_path.rglob("*.npz*") if p.is_file()]
+    assert not list(tmp_path.rglob(".*part*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,19 +180,38 @@ def test_reproduction_verdicts(tiny_record, tmp_path, capsys, monkeypatch):
     assert "REPRODUCED" in out and "fid (seed 1)" in out and "fid (mean)" in out and "exact" in out
     assert "samples_seed2      regenerated vs the record's: identical" in out
     # one seed's number changed (the stored output and the mean with it): that seed does not reproduce
-    import train as _train  # noqa: F401  (scoring runs through train.score_model)
-    real_score = _train.score_model
+    import train as _train  # noqa: F401  (scoring runs through train.score_evaluation_seeds)
+    real_score = _train.score_evaluation_seeds
 
-    def shifted(model, spec, work, accelerator=None):
-        evaluation, a, b = real_score(model, spec, work, accelerator)
+    def shifted(spec, work):
+        evaluation = real_score(spec, work)
         evaluation["runs"][1]["metrics"]["fid"] *= 2.0  # far outside any tolerance
-        return evaluation, a, b
-    monkeypatch.setattr(_train, "score_model", shifted)
+        return evaluation
+    monkeypatch.setattr(_train, "score_evaluation_seeds", shifted)
     assert _reproduce(record_dir) == 1
     out = capsys.readouterr().out
     assert "NOT REPRODUCED" in out and [l for l in out.splitlines() if l.startswith("fid (seed 1)")][0].endswith("NO")
     # a recorded infinity can never be "within" a relative tolerance
     assert not reproduce.within(float("-inf"), 1e9, {"rel": 0.05, "abs": 0.1})
+
+
+@pytest.mark.slow
+def test_reproduction_over_two_processes_regenerates_the_same_samples(tiny_record, tmp_path, capsys):
+    """eval.sh with NPROC=2: generate.py --eval_dir over two gloo processes (GPUs on a GPU machine),
+    the metrics in the verdict's process; sharding changes no sample, so every number is exact."""
+    record_dir = _into_tree(tiny_record, tmp_path)
+    out = tmp_path / "regenerated"
+    assert _reproduce(record_dir, "--processes", "2", "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "REPRODUCED" in text and "NO" not in text.split()
+    assert [l for l in text.splitlines() if l.startswith("fid (mean)")][0].endswith("exact")
+    for key in ("samples", "samples_seed1", "samples_seed2"):
+        assert f"{key:<18} regenerated vs the record's: identical" in text
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz", "samples_seed1.npz",
+                                                     "samples_seed2.npz"]  # no part files left
+    with pytest.raises(SystemExit) as stop:  # argparse's exit, with the harness's "could not run" code
+        _reproduce(record_dir, "--processes", "0")
+    assert stop.value.code == 3 and "--processes must be at least 1" in capsys.readouterr().err
 
 
 def test_reproduction_refuses_invalid_records(tiny_record, tmp_path, capsys):
@@ -636,10 +656,15 @@ def test_reproduction_never_writes_into_a_record_and_a_crash_is_no_verdict(tiny_
 
     def broken(*args, **kwargs):
         raise MemoryError("out of memory while sampling")
-    monkeypatch.setattr(_train, "score_model", broken)
+    monkeypatch.setattr(_train, "sample_evaluation_seeds", broken)
     assert _reproduce(record_dir) == 3
     err = capsys.readouterr().err
     assert "MemoryError: out of memory while sampling" in err and "no verdict" in err
+    # a launch over several processes that fails is no verdict either
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
+    assert _reproduce(record_dir, "--processes", "2") == 3
+    err = capsys.readouterr().err
+    assert "sampling over 2 processes failed" in err and "no verdict" in err
 
 
 def test_eval_sh_reads_paths_from_where_it_is_typed(tmp_path):
