@@ -1407,6 +1407,11 @@ def train(cfg: Config) -> dict:
             for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
                 if old != path:  # never the one just written
                     old.unlink()
+            # a process killed mid-write (SIGKILL, a node lost) leaves its temporary file, as large
+            # as a checkpoint; only this process writes here, and its own is renamed by now
+            for stale in path.parent.glob(".step_*.safetensors.*.tmp"):
+                stale.unlink(missing_ok=True)
+                log.line(f"removed {stale.name}: a checkpoint a killed process did not finish writing")
         accelerator.wait_for_everyone()
 
     stepper = Stepper(cfg, accelerator, model, teacher, optimizer, ema, loader,

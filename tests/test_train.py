@@ -318,6 +318,9 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
     resumed_dir = tmp_path / "runs" / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(train.list_checkpoints(run_dir)[0], resumed_dir / "checkpoints")
+    # ... and the step-6 checkpoint it was writing when it was killed, half written
+    stale = resumed_dir / "checkpoints" / ".step_00000006.safetensors.4242.tmp"
+    stale.write_bytes(train.list_checkpoints(run_dir)[1].read_bytes()[:1000])
     resumed = train.parse_config(run_args + ["--run_name", "resumed", "--resume", "auto", "--write_record", "false"])
     assert not resumed.rope  # the command line alone: the track's defaults...
     train.train(resumed)
@@ -332,6 +335,9 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, run_args):
             assert torch.equal(a[key], b[key]), key
     log = (resumed_dir / "train.log").read_text()  # a fresh run dir gets a full log header
     assert train.code_from_log(log) == (ROOT / "train.py").read_text() and "resumed from" in log
+    assert not stale.exists() and f"removed {stale.name}" in log
+    assert sorted(p.name for p in (resumed_dir / "checkpoints").iterdir()) == ["step_00000003.safetensors",
+                                                                               "step_00000006.safetensors"]
     meta = train.read_safetensors(train.list_checkpoints(resumed_dir)[-1], train.CHECKPOINT_FORMAT)[1]
     assert json.loads(meta["extra"])["train_seconds"] > 0
     # the loader's state at step 6 (6 x 16 samples into the 1297 digits) and no prefetch thread left
