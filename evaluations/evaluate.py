@@ -116,6 +116,21 @@ def score_samples(samples_path: Path, track: dict, **imagenet_options) -> tuple[
     return metrics, provenance
 
 
+def scoring_machine(device=None) -> dict:
+    """Where a score was computed: the device and the libraries whose arithmetic the numbers rest
+    on (features: torch; statistics: numpy; FID's matrix square root: scipy). Not part of a
+    record's provenance, which must be the same wherever it is re-scored: a record's environment
+    says where it was scored."""
+    import scipy
+    import torch
+
+    from train import _cpu_model
+    device = torch.device(device or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    return {"device": f"{device.type}: {name}", "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__}
+
+
 def check_protocol_metrics(metrics: dict | None, track: dict) -> None:
     """Every metric the protocol lists was computed (a silently missing column would rank a record
     on fewer numbers than the track promises). ``None``: a process that does not score."""
@@ -152,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if track["evaluation"].get("feature_network") in IMAGENET_NETWORKS:
         return _main_imagenet(args, track)
     try:
-        result = evaluate_samples(Path(args.samples), track)
+        metrics, provenance = score_samples(Path(args.samples), track)
     except SampleFileError as e:
         print(f"[evaluate] error: {e}", file=sys.stderr)
         return 1
+    result = dict(metrics, provenance=dict(provenance, scored_on=scoring_machine()))
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     if args.out:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
@@ -186,7 +202,7 @@ def _main_imagenet(args, track: dict) -> int:
     result = dict(report["metrics"])
     if "kd" in result:
         result["kd_definition"] = report["definitions"]["kd"]
-    result["provenance"] = report["provenance"]
+    result["provenance"] = dict(report["provenance"], scored_on=scoring_machine(dist.device))
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
     if args.out:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))

@@ -98,14 +98,16 @@ def sample_in_processes(model_path: Path, track_file: Path, work: Path, processe
 
 def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None = None,
               retrain: bool = False, other_code: bool = False, processes: int = 1
-              ) -> tuple[bool, list[tuple], list[tuple]]:
+              ) -> tuple[bool, list[tuple], list[tuple], str]:
     """Regenerates and rescores (or, with retrain, re-trains from the record's config first) with
     the track's protocol, and compares every seed's metrics and their mean with the record's,
     within the track's tolerance. `root`: the records tree (its tracks/ defines the track).
     The samples are drawn on the GPU when there is one, over `processes` processes when more
     than one (sample_in_processes); the metrics are computed in this process.
-    Returns (every number within tolerance, the metric rows, each seed's sample comparison)."""
+    Returns (every number within tolerance, the metric rows, each seed's sample comparison, where
+    the record was made and where it was reproduced)."""
     import train
+    from evaluations.evaluate import scoring_machine
     from records.validate import absolute_folder, validate_tree
 
     record_dir = Path(record_dir)
@@ -156,6 +158,10 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
             train.sample_evaluation_seeds(model, spec, work)
         evaluation = train.score_evaluation_seeds(spec, work)
         samples = _compare_samples(record_dir, record, work)
+    env = record["environment"]
+    here = scoring_machine("cuda" if train._on_gpu() else "cpu")
+    machines = (f"recorded on {env.get('gpu') or env.get('cpu')} (torch {env.get('torch')}), "
+                f"reproduced on {here['device'].split(': ', 1)[1]} (torch {here['torch']})")
     rows, ok = [], True
     reruns = {r["seed"]: r["metrics"] for r in evaluation["runs"]}
     for name, tol in spec.get("reproduction_tolerance", {}).items():
@@ -170,7 +176,7 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
             good = within(recorded, got, tol)
             ok &= good
             rows.append((f"{name} ({label})", recorded, got, tol, good))
-    return ok and bool(rows), rows, samples
+    return ok and bool(rows), rows, samples, machines
 
 
 class OutputError(ValueError):
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, not {args.processes}")
     try:
-        ok, rows, samples = reproduce(Path(args.record), Path(args.out) if args.out else None,
+        ok, rows, samples, machines = reproduce(Path(args.record), Path(args.out) if args.out else None,
                                       Path(args.root), args.retrain, args.other_code, args.processes)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18} {fmt(recorded):>12} {fmt(got):>12} {tol_text:>22}  {mark}")
     for key, text in samples:
         print(f"{key:<18} regenerated vs the record's: {text}")
+    print(f"{'machines':<18} {machines}")
     verdict = "REPRODUCED" if ok else "NOT REPRODUCED"
     code = " (re-trained with a different train.py)" if args.retrain and args.other_code else ""
     print(f"[eval] {verdict}{code}: {args.record} ({sum(r[4] for r in rows)}/{len(rows)} numbers within "

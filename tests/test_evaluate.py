@@ -76,7 +76,13 @@ def test_cli_writes_metrics_and_fails_on_bad_input(tmp_path, tiny_track, capsys)
     assert evaluate.main([str(_write(tmp_path / "s.npz", arr_0=images)), "--track", str(tiny_track),
                           "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"fid", "is", "is_std", "precision", "recall", "kd", "kd_std"}
+    assert set(metrics) == {"fid", "is", "is_std", "precision", "recall", "kd", "kd_std", "provenance"}
+    # what scored it (as a record stores it) and where (the CLI's output only)
+    track = load_track(str(tiny_track))
+    assert {k: v for k, v in metrics["provenance"].items() if k != "scored_on"} == \
+        evaluate.score_samples(tmp_path / "s.npz", track)[1]
+    assert metrics["provenance"]["scored_on"]["device"].startswith("cpu: ")
+    assert metrics["provenance"]["scored_on"]["scipy"] == __import__("scipy").__version__
     bad = _write(tmp_path / "bad.npz", arr_0=images.astype(np.int16))
     assert evaluate.main([str(bad), "--track", str(tiny_track)]) == 1
     assert "bad.npz: arr_0 has dtype int16" in capsys.readouterr().err

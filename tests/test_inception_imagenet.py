@@ -469,6 +469,7 @@ def test_cli_scores_an_imagenet_track_and_rejects_bad_input(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {"fid", "sfid", "is", "is_std", "precision", "recall"} == set(result) - {"provenance"}
     assert result["provenance"]["networks"]["inception"]["source_sha256"] == "cd" * 32
+    assert result["provenance"]["scored_on"]["device"].startswith("cpu: ")
     assert result["fid"] > 0 and result["sfid"] > 0 and 1 <= result["is"] <= 1008
     np.savez(tmp_path / "small.npz", arr_0=_images(8, res=16))
     assert evaluate.main([str(tmp_path / "small.npz"), "--track", str(tmp_path / "track.json")]) == 1

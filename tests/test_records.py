@@ -179,6 +179,9 @@ def test_reproduction_verdicts(tiny_record, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "REPRODUCED" in out and "fid (seed 1)" in out and "fid (mean)" in out and "exact" in out
     assert "samples_seed2      regenerated vs the record's: identical" in out
+    from train import _cpu_model
+    env = load_record(record_dir)["environment"]
+    assert f"recorded on {_cpu_model()} (torch {env['torch']}), reproduced on {_cpu_model()} (torch " in out
     # one seed's number changed (the stored output and the mean with it): that seed does not reproduce
     import train as _train  # noqa: F401  (scoring runs through train.score_evaluation_seeds)
     real_score = _train.score_evaluation_seeds
