@@ -389,7 +389,8 @@ def test_imagenet_metrics_match_an_independent_recomputation(tmp_path, monkeypat
     for part in ("(x.y/d + 1)^3", "DINOv2 ViT-L/14", "CLS", "224x224", "bicubic", "ImageNet mean/std",
                  "7 subsets of 6", "seed 3", "unbiased MMD^2"):
         assert part in definition, part
-    # evaluate_samples (what train.py and eval.sh call) returns the same numbers, and only numbers;
+    # evaluate_samples (score_samples without the provenance; what train.py and eval.sh call) returns
+    # the same numbers, and only numbers;
     # train.py calls it on rank 0 alone, so it must not join the other processes (no collectives)
     from evaluations import evaluate
 
