@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluations.inception import exact_float32
+from preprocessing.encoders import exact_float32
 from evaluations.weights import SOURCES, WeightsFileError, check_file
 
 PathLike = Union[str, Path]

@@ -34,7 +34,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluations.weights import SOURCES, WeightsFileError, check_file
+from preprocessing.encoders import exact_float32  # noqa: F401  (public here too)
 
 PathLike = Union[str, Path]
 
@@ -406,22 +406,6 @@ class InceptionADM(nn.Module):
         outputs = {"pool": pool, "spatial": spatial.reshape(spatial.shape[0], -1, SPATIAL_CHANNELS),
                    "logits": logits}
         return outputs, {name: extra[name].permute(0, 2, 3, 1) for name in nodes}
-
-
-@contextlib.contextmanager
-def exact_float32(tf32: bool = False):
-    """Plain float32 inside: no TF32 matmuls/convolutions on GPU (unless ``tf32=True``, an
-    explicit opt-in such as KDD's ``precision: tf32``), no autocast; settings restored after.
-
-    (train.py turns TF32 on for training; metric networks must not inherit it.)
-    """
-    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
-    try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ INVAE for ImageNet) register themselves here as well.
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Tuple, Union
 
 import numpy as np
@@ -26,6 +27,25 @@ import torch
 from preprocessing.registry import Registry
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+@contextlib.contextmanager
+def exact_float32(tf32: bool = False, deterministic_convolutions: bool = False):
+    """Plain float32 inside: no TF32 matmuls/convolutions on GPU (unless ``tf32=True``, an
+    explicit opt-in such as KDD's ``precision: tf32``), no autocast, and with
+    ``deterministic_convolutions`` cuDNN's deterministic algorithms without benchmarking; every
+    setting restored after. train.py turns TF32 on for training and sampling: the metric networks
+    and the autoencoder, whose outputs must not depend on who called them, never inherit it."""
+    cudnn = torch.backends.cudnn
+    previous = (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = bool(tf32)
+    if deterministic_convolutions:
+        cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark) = previous
 
 __all__ = [
     "LatentEncoder",

@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from preprocessing.encoders import LatentEncoder, _check_images, unit_range_to_uint8
+from preprocessing.encoders import LatentEncoder, _check_images, exact_float32, unit_range_to_uint8
 from preprocessing.shards import atomic_write, sha256_file
 
 PathLike = Union[str, os.PathLike]
@@ -439,8 +439,9 @@ class INVAEEncoder(LatentEncoder):
     Build it from a checkpoint (``checkpoint=..., sha256=...``) or wrap an
     existing :class:`INVAE` (``model=...``, e.g. randomly initialised in tests).
     Runs on ``device`` (default: CUDA when available) in float32 with cuDNN
-    autotuning and TF32 off, so a given machine gives the same latents run
-    after run.
+    autotuning and TF32 off, so a given machine gives the same latents and pixels
+    run after run; only inside encode() and decode() (encoders.exact_float32),
+    so the sampler around decode() keeps its own settings.
     """
 
     name = "invae"
@@ -466,11 +467,6 @@ class INVAEEncoder(LatentEncoder):
             self.checkpoint_sha256 = None
         self.model = model
         self.batch_size = int(batch_size)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
 
     def describe(self) -> Dict[str, Any]:
         cfg = self.model.cfg
@@ -486,6 +482,7 @@ class INVAEEncoder(LatentEncoder):
         return (self.model.cfg.z_channels, h // f, w // f)
 
     @torch.inference_mode()
+    @exact_float32(deterministic_convolutions=True)
     def encode(self, images):
         _check_images(images)
         as_numpy = isinstance(images, np.ndarray)
@@ -508,6 +505,7 @@ class INVAEEncoder(LatentEncoder):
         return latents.cpu().numpy() if as_numpy else latents
 
     @torch.inference_mode()
+    @exact_float32(deterministic_convolutions=True)
     def decode(self, latents) -> torch.Tensor:
         z = torch.from_numpy(np.asarray(latents)) if isinstance(latents, np.ndarray) else latents
         if not isinstance(z, torch.Tensor) or z.ndim != 4:

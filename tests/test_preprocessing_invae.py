@@ -89,6 +89,25 @@ def test_random_init_encode_decode_small():
         enc.latent_shape((18, 18, 3))
 
 
+def test_the_autoencoder_runs_in_exact_float32_without_changing_its_callers_settings(monkeypatch):
+    """The sampler around decode() keeps TF32 (train.py's, as SR-DiT samples); encode() and
+    decode() themselves run in float32 with deterministic cuDNN, whoever calls them."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    caller = (True, True, False, True)  # a training process's: TF32 on, cuDNN benchmarking
+    monkeypatch.setattr(matmul, "allow_tf32", caller[0])
+    monkeypatch.setattr(cudnn, "allow_tf32", caller[1])
+    monkeypatch.setattr(cudnn, "deterministic", caller[2])
+    monkeypatch.setattr(cudnn, "benchmark", caller[3])
+    settings = lambda: (matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)  # noqa: E731
+    enc = INVAEEncoder(model=_tiny_model(), device="cpu", posterior="mean")
+    seen = []
+    for name in ("encode_moments", "decode"):
+        real = getattr(enc.model, name)
+        monkeypatch.setattr(enc.model, name, lambda *a, _real=real: seen.append(settings()) or _real(*a))
+    enc.decode(enc.encode(_images()))
+    assert seen == [(False, False, True, False)] * 2 and settings() == caller
+
+
 def test_posterior_sample_is_mean_plus_std_times_content_keyed_noise():
     model = _tiny_model()
     images = _images(n=5)
