@@ -11,9 +11,9 @@ Conventions
   over by the caller.
 * Every sampler integrates from ``t = 1`` (``x1`` = noise) down to ``t = 0``.
 * Samplers compute in float32, or in float64 when ``x1`` is float64, and return
-  the final state in that compute dtype.  A protocol's ``state_dtype`` picks it
-  (:func:`state_dtype`); the network itself always runs in float32.  They keep only the current state
-  (no list of intermediates) and run under ``torch.no_grad()``.
+  the final state in that compute dtype; a protocol's ``state_dtype`` picks it
+  (:func:`state_dtype`), and the network always runs in float32.  They keep only
+  the current state (no list of intermediates) and run under ``torch.no_grad()``.
 * ``progress`` (optional) is called as ``progress(1)`` once per step, so a
   ``tqdm`` bar's ``update`` method can be passed directly.
 
@@ -476,6 +476,18 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
     if accelerator:
         accelerator.wait_for_everyone()
     return out_path
+
+
+def to_sampling_device(model: torch.nn.Module) -> torch.device:
+    """Puts an exported model where one process samples it (eval.sh, the ablation ladder): the
+    GPU when there is one, with train.py's TF32, on the torch path (--kernels auto)."""
+    from train import _on_gpu, set_kernels, use_tf32
+    device = torch.device("cuda" if _on_gpu() else "cpu")
+    if device.type == "cuda":
+        use_tf32()  # the arithmetic train.py samples a record with
+    model.to(device)
+    set_kernels(model, "auto", device)
+    return device
 
 
 def _image_format(path: Path) -> str:

@@ -85,10 +85,11 @@ def check_trained_config(model_path: Path, train_args: list[str]) -> None:
 
 def evaluate_rung(model_dir: Path, track: dict, labels: str, eval_seed: int, work: Path) -> dict:
     from evaluations.evaluate import evaluate_samples
-    from generate import generate_to_npz
+    from generate import generate_to_npz, to_sampling_device
     from train import load_model
 
     model, _ = load_model(model_dir / "model.safetensors")
+    to_sampling_device(model)
     protocol = dict(track["evaluation"], labels=labels, seed=eval_seed)
     samples = work / f"samples_{labels}_e{eval_seed}.npz"
     generate_to_npz(model, track, protocol, samples)

@@ -25,8 +25,6 @@ import tempfile
 import traceback
 from pathlib import Path
 
-import torch
-
 from records.record import RecordError, artefact_file_name, artefact_path, load_record, seed_samples_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +81,12 @@ def sample_in_processes(model_path: Path, track_file: Path, work: Path, processe
     train.py's end of run shards them: the same samples as one process draws."""
     import socket
 
+    import train
     with socket.socket() as sock:  # a free port for this launch's process group
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if not torch.cuda.is_available():
+    if not train._on_gpu():
         env["ACCELERATE_USE_CPU"] = "1"  # real gloo processes (accelerate's --cpu would start one)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -106,6 +105,7 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
     than one (sample_in_processes); the metrics are computed in this process.
     Returns (every number within tolerance, the metric rows, each seed's sample comparison, where
     the record was made and where it was reproduced)."""
+    import generate
     import train
     from evaluations.evaluate import scoring_machine
     from records.validate import absolute_folder, validate_tree
@@ -150,11 +150,7 @@ def reproduce(record_dir: Path, out_dir: Path | None = None, root: Path | None =
             del model  # it loads: each process of the launch loads its own
             sample_in_processes(model_path, track_file, work, processes)
         else:
-            device = torch.device("cuda" if train._on_gpu() else "cpu")
-            if device.type == "cuda":
-                train.use_tf32()  # the arithmetic train.py sampled the record with
-            model.to(device)
-            train.set_kernels(model, "auto", device)
+            generate.to_sampling_device(model)
             train.sample_evaluation_seeds(model, spec, work)
         evaluation = train.score_evaluation_seeds(spec, work)
         samples = _compare_samples(record_dir, record, work)
