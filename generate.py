@@ -430,13 +430,13 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
     Each rank writes its block to a part file beside out_path; rank 0 merges them in index order."""
     from tqdm import tqdm
 
-    from preprocessing.encoders import get_encoder
+    from preprocessing.encoders import latent_decoder
 
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     device = accelerator.device if accelerator else next(model.parameters()).device
     data = track["dataset"]
-    encoder = get_encoder(data["encoder"])
+    encoder = latent_decoder(data["encoder"], getattr(model, "autoencoder_sha256", None))
     num = int(protocol["num_samples"])
     mine = shard_indices(num, rank, world)
     out_path = Path(out_path)

@@ -539,6 +539,10 @@ class SiT(nn.Module):
         if input_size % patch:
             raise ConfigError(f"input size {input_size} is not divisible by patch size {patch}")
         self.model_name, self.num_classes, self.opts = model, num_classes, opts
+        # the checkpoint sha256 of the autoencoder whose latents this model learns (None: pixels):
+        # train.py sets it from the dataset manifest, exported models keep it, and sampling decodes
+        # with that autoencoder only (preprocessing.encoders.latent_decoder)
+        self.autoencoder_sha256: str | None = None
         self.in_channels, self.patch, self.input_size = in_channels, patch, input_size
         self.grid, self.hidden, self.depth = input_size // patch, hidden, depth
         self.num_prefix = 1 if opts.reg_dim else 0
@@ -894,6 +898,27 @@ def training_loss(model: nn.Module, cfg: Config, x0: torch.Tensor, y: torch.Tens
 # =============================================================================================
 
 
+def check_run_can_finish(track: dict, model: nn.Module, is_main: bool) -> None:
+    """What the end of the run reads, checked before training (it would otherwise fail after it):
+    on every rank the decoder of the samples (for INVAE latents the checkpoint that encoded the
+    data, $SPEEDRUN_INVAE_WEIGHTS), on rank 0, which scores, the evaluator's reference batch and
+    network weights."""
+    from evaluations.evaluate import check_scoring_inputs
+    from preprocessing.encoders import latent_decoder
+    try:
+        latent_decoder(track["dataset"]["encoder"], model.autoencoder_sha256, device="cpu")
+        if is_main:
+            check_scoring_inputs(track)
+    except (ValueError, ImportError, NotImplementedError) as e:  # weights, reference, decoder, TF backend
+        raise ConfigError(f"this run could not sample or score its model at the end: {e}") from e
+
+
+def latent_encoder_info(dataset) -> dict:
+    """What `preprocessing encode` recorded of the encoder that made the shards' latents (its
+    checkpoint_sha256, posterior, ...); empty for pixel datasets."""
+    return (dataset.manifest.get("metadata") or {}).get("latent_encoder_info") or {}
+
+
 def check_dataset_fits_track(dataset, track: dict) -> None:
     """The shards (a preprocessing.shards.ShardDataset) are the data the track names: its latent
     encoder, latent and image shapes and classes, and, where the track pins them, the encoder's
@@ -909,7 +934,7 @@ def check_dataset_fits_track(dataset, track: dict) -> None:
               "number of classes": data["num_classes"]}
     found = {"latent encoder": dataset.latent_encoder, "latent shape": tuple(dataset.latent_shape),
              "image shape": tuple(dataset.image_shape), "number of classes": dataset.num_classes}
-    info = (dataset.manifest.get("metadata") or {}).get("latent_encoder_info") or {}
+    info = latent_encoder_info(dataset)
     for field, key in (("encoder_checkpoint_sha256", "checkpoint_sha256"), ("encoder_posterior", "posterior")):
         if data.get(field) is not None:
             wanted[f"encoder {key}"], found[f"encoder {key}"] = data[field], info.get(key)
@@ -1014,6 +1039,8 @@ def export_model(path: Path, ema: nn.Module, cfg: Config, track: dict) -> None:
                 "input_size": str(ema.input_size), "in_channels": str(ema.in_channels),
                 "num_classes": str(ema.num_classes), "track": track["name"],
                 "options": json.dumps(dataclasses.asdict(ema.opts))}
+    if ema.autoencoder_sha256:
+        metadata["autoencoder_sha256"] = ema.autoencoder_sha256
     write_safetensors(path, tensors, metadata)
 
 
@@ -1027,6 +1054,7 @@ def load_model(path: Path) -> tuple[SiT, dict]:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"model file {path}: weights do not match {metadata['model']}: {e}") from e
+    model.autoencoder_sha256 = metadata.get("autoencoder_sha256")
     return model.eval(), metadata
 
 
@@ -1328,6 +1356,8 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(cfg, track)
     model = build_model(cfg, track, teacher.dims if teacher is not None else (0, 0))
+    model.autoencoder_sha256 = latent_encoder_info(dataset).get("checkpoint_sha256")
+    check_run_can_finish(track, model, is_main)
     if teacher is not None:
         teacher.to(accelerator.device)
         probe = teacher(torch.from_numpy(dataset.get_images(np.arange(1))).to(accelerator.device))[1]

@@ -116,6 +116,19 @@ def score_samples(samples_path: Path, track: dict, **imagenet_options) -> tuple[
     return metrics, provenance
 
 
+def check_scoring_inputs(track: dict) -> None:
+    """The files score_samples will need for this track are there and are the pinned ones
+    (reference batch, feature networks' weights); the error score_samples would raise, raised now
+    (train.py calls this before training, so a run does not end in it)."""
+    protocol = track["evaluation"]
+    if protocol.get("feature_network") in IMAGENET_NETWORKS:
+        from evaluations.imagenet import check_evaluation_files
+        check_evaluation_files(track)
+    else:
+        get_feature_extractor(protocol["feature_network"])
+        reference_images(track)
+
+
 def scoring_machine(device=None) -> dict:
     """Where a score was computed: the device and the libraries whose arithmetic the numbers rest
     on (features: torch; statistics: numpy; FID's matrix square root: scipy). Not part of a

@@ -433,6 +433,28 @@ def build_extractors(protocol: dict, backend: Optional[str] = None, device=None,
     return out
 
 
+def reference_batch_path(track: dict) -> Path:
+    """The track's reference batch: <dataset.dir>/<evaluation.reference>.npz."""
+    protocol, data = track["evaluation"], track["dataset"]
+    if not isinstance(protocol.get("reference"), str) or not data.get("dir"):
+        raise ReferenceFileError(f"track {track.get('name')!r}: evaluation.reference must name the "
+                                 "reference batch (a file <dataset.dir>/<name>.npz), or pass its path")
+    return Path(data["dir"]) / f"{protocol['reference']}.npz"
+
+
+def check_evaluation_files(track: dict) -> None:
+    """Everything evaluate_imagenet will read is there and is what the track pins: the reference
+    batch (sha256, shape) and the networks' weights (loaded once on the CPU). Raises the error
+    evaluate_imagenet would raise, before hours of work that end in it (train.py calls this
+    before training)."""
+    protocol = track["evaluation"]
+    reference = load_reference_batch(reference_batch_path(track), int(track["dataset"]["resolution"]),
+                                     protocol.get("reference_sha256"), protocol.get("reference_num_images"),
+                                     protocol.get("reference_url"))
+    reference.images.close()
+    build_extractors(protocol, device="cpu")
+
+
 def evaluate_imagenet(samples_path, track: dict, *, extractors: Optional[Dict[str, object]] = None,
                       backend: Optional[str] = None, batch_size: Optional[int] = None, cache_dir=None,
                       reference_path=None, dist: Optional[Distributed] = None, progress: bool = True) -> dict:
@@ -447,11 +469,7 @@ def evaluate_imagenet(samples_path, track: dict, *, extractors: Optional[Dict[st
     protocol, data = track["evaluation"], track["dataset"]
     dist = dist or Distributed.single()
     resolution = int(data["resolution"])
-    if reference_path is None:
-        if not isinstance(protocol.get("reference"), str) or not data.get("dir"):
-            raise ReferenceFileError(f"track {track.get('name')!r}: evaluation.reference must name the "
-                                     "reference batch (a file <dataset.dir>/<name>.npz), or pass its path")
-        reference_path = Path(data["dir"]) / f"{protocol['reference']}.npz"
+    reference_path = reference_path or reference_batch_path(track)
     samples = open_image_batch(samples_path, resolution, 3, int(protocol["num_samples"]),
                                error=SampleFileError, what="samples")
     reference = load_reference_batch(reference_path, resolution, protocol.get("reference_sha256"),

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Tuple, Union
+import os
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -164,3 +165,26 @@ def _invae_factory(**kwargs) -> LatentEncoder:
 
 
 register_encoder("invae")(_invae_factory)
+
+
+INVAE_WEIGHTS_VARIABLE = "SPEEDRUN_INVAE_WEIGHTS"
+
+
+def latent_decoder(name: str, checkpoint_sha256: Optional[str], device: Union[str, torch.device] = "auto",
+                   **invae_kwargs) -> LatentEncoder:
+    """The decoder for a model's samples: the identity needs nothing; an INVAE model decodes with
+    the checkpoint that encoded its training data, whose sha256 the model records
+    (SiT.autoencoder_sha256), read from $SPEEDRUN_INVAE_WEIGHTS and checked against it
+    (ValueError naming what is missing), on ``device`` (auto: CUDA when available)."""
+    if name != "invae":
+        return get_encoder(name)
+    if not checkpoint_sha256:
+        raise ValueError("the model records no INVAE checkpoint sha256 (the manifest of its training data "
+                         "named none: latents of a randomly initialised INVAE?), so no file can be checked to "
+                         "decode its samples")
+    path = os.environ.get(INVAE_WEIGHTS_VARIABLE)
+    if not path:
+        raise ValueError(f"decoding INVAE latents needs the INVAE that encoded the training data: set "
+                         f"${INVAE_WEIGHTS_VARIABLE} to its .safetensors file (sha256 {checkpoint_sha256}; "
+                         "preprocessing/README.md says where it comes from)")
+    return get_encoder("invae", checkpoint=path, sha256=checkpoint_sha256, device=device, **invae_kwargs)

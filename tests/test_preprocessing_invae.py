@@ -285,6 +285,51 @@ def test_the_trainer_takes_only_shards_encoded_as_the_track_says(images_only):
                 "dataset": track["dataset"] | {field: value}})
 
 
+def test_samples_decode_with_the_checkpoint_that_encoded_the_training_data(images_only, tmp_path, monkeypatch):
+    """train.py records the INVAE checkpoint's sha256 (from the manifest) in the model; sampling
+    decodes with $SPEEDRUN_INVAE_WEIGHTS only when it is that file, and a run that could not
+    decode its samples is refused before training."""
+    import generate
+    import train
+
+    root, _ = images_only
+    monkeypatch.setitem(INVAEEncoder.__init__.__kwdefaults__, "config", TINY)  # the published architecture, shrunk
+    vae = _tiny_model()
+    path = tmp_path / "vae.safetensors"
+    digest = _save_safetensors(vae, path)
+    encode_dataset(root, INVAEEncoder(path, digest, device="cpu"), progress=False, log=lambda *a: None)
+    assert train.latent_encoder_info(ShardDataset(root, "train"))["checkpoint_sha256"] == digest
+    track = {"name": "t", "dataset": {"encoder": "invae", "latent_shape": [4, 4, 4], "resolution": 16,
+                                      "channels": 3, "num_classes": 3},
+             "evaluation": {"sampler": "euler", "num_steps": 2, "num_samples": 4, "seed": 0, "labels": "balanced"}}
+    torch.manual_seed(0)
+    model = train.SiT("SiT-Digits/2", 4, 4, 3)
+    model.autoencoder_sha256 = digest
+    monkeypatch.delenv("SPEEDRUN_INVAE_WEIGHTS", raising=False)
+    with pytest.raises(train.ConfigError, match=rf"could not sample .* set \$SPEEDRUN_INVAE_WEIGHTS .*sha256 {digest}"):
+        train.check_run_can_finish(track, model, is_main=False)
+    with pytest.raises(ValueError, match="SPEEDRUN_INVAE_WEIGHTS"):
+        generate.generate_to_npz(model, track, track["evaluation"], tmp_path / "s.npz")
+    other = tmp_path / "other.safetensors"
+    _save_safetensors(_tiny_model(seed=1), other)
+    monkeypatch.setenv("SPEEDRUN_INVAE_WEIGHTS", str(other))
+    with pytest.raises(train.ConfigError, match="other.safetensors.*checksum mismatch"):  # not the data's INVAE
+        train.check_run_can_finish(track, model, is_main=False)
+    assert not (tmp_path / "s.npz").exists()
+    monkeypatch.setenv("SPEEDRUN_INVAE_WEIGHTS", str(path))
+    train.check_run_can_finish(track, model, is_main=False)
+    generate.generate_to_npz(model, track, track["evaluation"], tmp_path / "s.npz")
+    latents, _ = generate.sample_latents(model, range(4), (4, 4, 4), 3, track["evaluation"])
+    with np.load(tmp_path / "s.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], INVAEEncoder(model=vae, device="cpu").decode(latents).numpy())
+    # the exported model keeps the digest; a model without one cannot be decoded
+    train.export_model(tmp_path / "m.safetensors", model, train.Config(model="SiT-Digits/2"), track)
+    assert train.load_model(tmp_path / "m.safetensors")[0].autoencoder_sha256 == digest
+    model.autoencoder_sha256 = None
+    with pytest.raises(train.ConfigError, match="records no INVAE checkpoint sha256"):
+        train.check_run_can_finish(track, model, is_main=False)
+
+
 def test_encode_failure_loses_nothing_and_resumes(images_only):
     root, images = images_only
     manifest_before = (root / "manifest.json").read_bytes()

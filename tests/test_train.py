@@ -189,6 +189,22 @@ def test_a_track_pins_sha256_as_lowercase_hex_or_null(tmp_path):
             train.load_track(str(tmp_path / "bad.json"))
 
 
+def test_a_run_that_could_not_score_its_model_is_refused_before_training(tmp_path, monkeypatch):
+    """The end of an ImageNet run reads the reference batch and the evaluator's weights: missing,
+    they stop the run before its first step, not after its last."""
+    track = train.load_track("imagenet256_100k")
+    track["dataset"] |= {"dir": str(tmp_path), "encoder": "identity"}  # the decoder is tested with the INVAE
+    model = SiT("SiT-Digits/2", 8, 1, 10)
+    train.check_run_can_finish(track, model, is_main=False)  # only rank 0 scores
+    with pytest.raises(train.ConfigError, match=r"could not sample or score .*VIRTUAL_imagenet256_labeled\.npz: "
+                                                r"reference batch not found; download it from https://"):
+        train.check_run_can_finish(track, model, is_main=True)
+    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=np.zeros((2, 256, 256, 3), np.uint8))
+    monkeypatch.delenv("SPEEDRUN_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(train.ConfigError, match=r"no Inception weights given .*\$SPEEDRUN_INCEPTION_WEIGHTS"):
+        train.check_run_can_finish(track, model, is_main=True)
+
+
 # ---- checkpoints --------------------------------------------------------------------------
 def _tiny_state(seed=0):
     torch.manual_seed(seed)
