@@ -1,8 +1,9 @@
 """The ImageNet path end to end, shrunk to run on a CPU in seconds: images encoded to INVAE latents
 by a checkpoint file, train.py at an ImageNet track's budget with every SR-DiT component (REPA and
-REG with the DINOv2-B/14 teacher from a weights file), SDE sampling in float64 decoded by that same INVAE, the ADM metrics from the
-Inception port loaded from a converted weights file, and a record that validates. Only the sizes
-and the random weights differ from an ImageNet run; every file goes through the code real runs use."""
+REG with the DINOv2-B/14 teacher from a weights file), SDE sampling in float64 decoded by that same
+INVAE, the ADM metrics from the Inception port loaded from a converted weights file, a record that
+validates, and its reproduction. Only the sizes and the random weights differ from an ImageNet run;
+every file goes through the code real runs use."""
 from __future__ import annotations
 
 import hashlib
