@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evaluations.weights import SOURCES, WeightsFileError, check_file
-from preprocessing.encoders import exact_float32  # noqa: F401  (public here too)
+from preprocessing.encoders import exact_float32
 
 PathLike = Union[str, Path]
 

@@ -29,6 +29,17 @@ from preprocessing.registry import Registry
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
+__all__ = [
+    "LatentEncoder",
+    "IdentityEncoder",
+    "register_encoder",
+    "get_encoder",
+    "available_encoders",
+    "latent_decoder",
+    "exact_float32",
+    "unit_range_to_uint8",
+]
+
 
 @contextlib.contextmanager
 def exact_float32(tf32: bool = False, deterministic_convolutions: bool = False):
@@ -47,14 +58,6 @@ def exact_float32(tf32: bool = False, deterministic_convolutions: bool = False):
             yield
     finally:
         (torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark) = previous
-
-__all__ = [
-    "LatentEncoder",
-    "IdentityEncoder",
-    "register_encoder",
-    "get_encoder",
-    "available_encoders",
-]
 
 
 def _check_images(images: ArrayLike) -> None:
@@ -170,8 +173,8 @@ register_encoder("invae")(_invae_factory)
 INVAE_WEIGHTS_VARIABLE = "SPEEDRUN_INVAE_WEIGHTS"
 
 
-def latent_decoder(name: str, checkpoint_sha256: Optional[str], device: Union[str, torch.device] = "auto",
-                   **invae_kwargs) -> LatentEncoder:
+def latent_decoder(name: str, checkpoint_sha256: Optional[str],
+                   device: Union[str, torch.device] = "auto") -> LatentEncoder:
     """The decoder for a model's samples: the identity needs nothing; an INVAE model decodes with
     the checkpoint that encoded its training data, whose sha256 the model records
     (SiT.autoencoder_sha256), read from $SPEEDRUN_INVAE_WEIGHTS and checked against it
@@ -187,4 +190,4 @@ def latent_decoder(name: str, checkpoint_sha256: Optional[str], device: Union[st
         raise ValueError(f"decoding INVAE latents needs the INVAE that encoded the training data: set "
                          f"${INVAE_WEIGHTS_VARIABLE} to its .safetensors file (sha256 {checkpoint_sha256}; "
                          "preprocessing/README.md says where it comes from)")
-    return get_encoder("invae", checkpoint=path, sha256=checkpoint_sha256, device=device, **invae_kwargs)
+    return get_encoder("invae", checkpoint=path, sha256=checkpoint_sha256, device=device)
