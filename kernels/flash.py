@@ -105,7 +105,8 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, rope, qw, kw, scale, eps, inter
     pq, pk = q, k
     if rope is not None or qw is not None or kw is not None:
         pq, pk = _bhnd_buffer(q), _bhnd_buffer(k)
-        _launch_prologue_fwd(q, k, pq, pk, rope, qw, kw, eps, interleaved)
+        # the tables as prepared above: the prologue's own preparation is then a no-op, not a copy
+        _launch_prologue_fwd(q, k, pq, pk, None if rope is None else (cos, sin), qw, kw, eps, interleaved)
     # per-program partial sums of the norm weights' gradients, [B * H, (k, q), rows, D]; rows
     # sized for the smallest tile and zeroed (also between autotuning runs) so rows a config does
     # not write add nothing. Without a norm, a 1-element placeholder (autotuning zeroes it).
