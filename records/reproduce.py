@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--processes must be at least 1, not {args.processes}")
     try:
         ok, rows, samples, machines = reproduce(Path(args.record), Path(args.out) if args.out else None,
-                                      Path(args.root), args.retrain, args.other_code, args.processes)
+                                                Path(args.root), args.retrain, args.other_code, args.processes)
     except RecordError as e:
         print(f"[eval] INVALID RECORD: {e}", file=sys.stderr)
         return 2
