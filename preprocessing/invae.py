@@ -511,8 +511,14 @@ class INVAEEncoder(LatentEncoder):
         if not isinstance(z, torch.Tensor) or z.ndim != 4:
             raise ValueError(f"decode() expects NCHW latents of rank 4, got {getattr(z, 'shape', type(z))}")
         param = next(self.model.parameters())
-        pixels = self.model.decode(z.to(param.device, torch.float32) / self.scale)
-        return unit_range_to_uint8(pixels, truncate=True).to(z.device)  # as SR-DiT stores samples
+        out = []
+        for start in range(0, z.shape[0], self.batch_size):  # full-resolution activations: by batches
+            pixels = self.model.decode(z[start : start + self.batch_size].to(param.device, torch.float32) / self.scale)
+            out.append(unit_range_to_uint8(pixels, truncate=True).to(z.device))  # as SR-DiT stores samples
+        if not out:
+            f = self.model.cfg.downsample
+            return torch.zeros((0, z.shape[2] * f, z.shape[3] * f, self.model.cfg.out_channels), dtype=torch.uint8)
+        return torch.cat(out)
 
     def __repr__(self) -> str:
         return f"INVAEEncoder(device={self.device}, checkpoint_sha256={self.checkpoint_sha256})"

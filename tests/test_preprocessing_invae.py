@@ -85,6 +85,14 @@ def test_random_init_encode_decode_small():
     assert inside.mean() > 0.5 and (decoded.numpy() != np.round(np.clip(127.5 * (x.numpy() + 1), 0, 255)))[inside].any()
     np.testing.assert_array_equal(decoded.numpy(), expected)
     assert torch.is_tensor(enc.encode(torch.from_numpy(images)))
+    # decoded by batches of batch_size (a sampling batch of 1000 at 256 px would not fit a GPU at once)
+    calls = []
+    real = enc.model.decode
+    enc.model.decode = lambda z: calls.append(z.shape[0]) or real(z)
+    by_batches = enc.decode(latents)
+    assert calls == [2, 1] and tuple(by_batches.shape) == (3, 16, 16, 3)
+    np.testing.assert_array_equal(by_batches.numpy(), expected)  # the formula above, on the whole batch
+    assert tuple(enc.decode(latents[:0]).shape) == (0, 16, 16, 3)
     with pytest.raises(ValueError, match="divisible"):
         enc.latent_shape((18, 18, 3))
 
