@@ -459,9 +459,18 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
         accelerator.wait_for_everyone()
     if rank == 0:
         parts = [out_path.with_name(f".{out_path.stem}.part{r:05d}.npz") for r in range(world)]
-        loaded = [np.load(p) for p in parts]
-        all_images = np.concatenate([f["arr_0"] for f in loaded])
-        all_labels = np.concatenate([f["arr_1"] for f in loaded])
+        part_labels = []
+        for p in parts:
+            with np.load(p) as f:
+                part_labels.append(f["arr_1"])
+        all_labels = np.concatenate(part_labels)
+        # filled part by part: one copy of the batch in memory (50K images at 512 px are 39 GB)
+        all_images, start = np.empty((len(all_labels),) + shape[1:], np.uint8), 0
+        for p in parts:
+            with np.load(p) as f:
+                block = f["arr_0"]
+            all_images[start:start + len(block)], start = block, start + len(block)
+            del block
         try:
             write_samples_npz(out_path, all_images, all_labels)
         finally:  # written or not, the parts are not an output
