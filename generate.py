@@ -469,7 +469,8 @@ def generate_to_npz(model: torch.nn.Module, track: dict, protocol: dict, out_pat
         for p in parts:
             with np.load(p) as f:
                 block = f["arr_0"]
-            all_images[start:start + len(block)], start = block, start + len(block)
+            all_images[start:start + len(block)] = block
+            start += len(block)
             del block
         try:
             write_samples_npz(out_path, all_images, all_labels)
