@@ -588,7 +588,8 @@ def main(argv: Optional[list] = None) -> int:
             eval_files = evaluation_sample_files({"evaluation": protocol}, Path(args.eval_dir))
             for _, path in eval_files:
                 check_output_file(path)
-            check_output_file(Path(args.eval_dir) / "grid.png")
+            from records.record import artefact_file_name
+            check_output_file(Path(args.eval_dir) / artefact_file_name("grid"))
         else:
             args.out = args.out or "samples.npz"
             check_output_file(args.out)

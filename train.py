@@ -1575,11 +1575,12 @@ def sample_evaluation_seeds(model: nn.Module, track: dict, out_dir: Path, accele
     """Every evaluation seed's samples (evaluation_sample_files) and the first seed's grid, sharded
     over the accelerator's processes; returns the seconds it took."""
     import generate
+    from records.record import artefact_file_name
     t0 = time.perf_counter()
     for k, (seed, path) in enumerate(evaluation_sample_files(track, out_dir)):
         generate.generate_to_npz(model, track, dict(track["evaluation"], seed=seed), path,
-                                 grid_path=out_dir / "grid.png" if k == 0 else None, accelerator=accelerator,
-                                 batch_size=batch_size)
+                                 grid_path=out_dir / artefact_file_name("grid") if k == 0 else None,
+                                 accelerator=accelerator, batch_size=batch_size)
     return time.perf_counter() - t0
 
 

@@ -517,7 +517,8 @@ class INVAEEncoder(LatentEncoder):
             out.append(unit_range_to_uint8(pixels, truncate=True).to(z.device))  # as SR-DiT stores samples
         if not out:
             f = self.model.cfg.downsample
-            return torch.zeros((0, z.shape[2] * f, z.shape[3] * f, self.model.cfg.out_channels), dtype=torch.uint8)
+            return torch.zeros((0, z.shape[2] * f, z.shape[3] * f, self.model.cfg.out_channels), dtype=torch.uint8,
+                               device=z.device)
         return torch.cat(out)
 
     def __repr__(self) -> str:
