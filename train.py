@@ -40,8 +40,13 @@ from preprocessing.shards import atomic_write, sha256_file
 
 ROOT = Path(__file__).resolve().parent
 TRACKS_DIR = ROOT / "records" / "tracks"
-CHECKPOINT_FORMAT = "speedrun-ckpt-v1"
-MODEL_FORMAT = "speedrun-model-v1"
+CHECKPOINT_FORMAT = "speedrun-ckpt-v2"
+MODEL_FORMAT = "speedrun-model-v2"
+# why a file of an earlier format cannot be loaded (read_safetensors says so)
+RETIRED_FORMATS = dict.fromkeys(
+    ("speedrun-ckpt-v1", "speedrun-model-v1"),
+    "v1 networks differ from today's (they embedded 1000 t instead of t, read REG's class-token "
+    "velocity before the final norm, and SPRINT never dropped the class token): retrain")
 
 
 # =============================================================================================
@@ -76,7 +81,8 @@ class Config:
     sprint: bool = flag(False, "SPRINT token routing: dense -> sparse -> dense blocks")
     sprint_dense_in: int = flag(2, "SPRINT: dense blocks before the sparse part")
     sprint_dense_out: int = flag(2, "SPRINT: dense blocks after the fusion")
-    sprint_drop_ratio: float = flag(0.75, "SPRINT: share of patch tokens dropped in the sparse part (training)")
+    sprint_drop_ratio: float = flag(0.75, "SPRINT: share of tokens, REG's class token included, dropped "
+                                          "in the sparse part (training)")
     sprint_path_drop: float = flag(0.05, "SPRINT: per-step probability of dropping the whole sparse path")
     repa_coef: float = flag(0.0, "REPA projection-loss weight (0: no REPA)")
     repa_depth: int = flag(2, "REPA: align the output of this block (1-based)")
@@ -367,7 +373,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> sinusoidal features of 1000 t -> MLP."""
+    """t in [0, 1] -> sinusoidal features of t itself (as SiT, REPA and SR-DiT; not DiT's 1000 t)
+    -> MLP."""
 
     def __init__(self, hidden: int, freq_dim: int = 256):
         super().__init__()
@@ -377,7 +384,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float().unsqueeze(1) * freqs.unsqueeze(0)
+        args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
 
 
@@ -504,21 +511,28 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """The modulated norm of every token, then the patch projection of the patch tokens; REG's
+    class-token head reads token 0 of the same modulated tokens (SiT.forward), as SR-DiT's does."""
+
     def __init__(self, hidden: int, patch: int, out_channels: int, norm: str):
         super().__init__()
         self.norm = make_norm(norm, hidden)
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.modulated(x, c))
 
 
 @dataclass
 class Routing:
     """How one forward pass routes tokens through SPRINT's sparse middle blocks."""
-    keep: torch.Tensor | None = None   # [B, n_keep] patch-token indices kept (training); None: all
+    keep: torch.Tensor | None = None   # [B, n_keep] token indices kept (training; REG's class token
+                                       # is token 0, dropped like any other); None: all
     path_drop: bool = False            # replace the sparse part's output by the mask token
 
 
@@ -565,9 +579,8 @@ class SiT(nn.Module):
                 raise ConfigError(f"SPRINT split {opts.sprint_dense_in}+{opts.sprint_dense_out} leaves no "
                                   f"sparse blocks in depth {depth}")
             # 1-D: torch 2.11's compiled backward returned a [hidden] gradient for a [1, 1, hidden]
-            # parameter ("invalid gradient ... expected [1, 1, 768]"); older checkpoints are reshaped
+            # parameter ("invalid gradient ... expected [1, 1, 768]"). Zero at start, as SR-DiT's.
             self.mask_token = nn.Parameter(torch.zeros(hidden))
-            self._register_load_state_dict_pre_hook(self._mask_token_1d)
             self.fusion = nn.Linear(2 * hidden, hidden)
         if opts.repa_depth:
             if not 1 <= opts.repa_depth <= depth or not opts.repa_dim:
@@ -597,14 +610,6 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         if self.opts.reg_dim:
             nn.init.zeros_(self.cls_head.weight)
-        if self.opts.sprint:
-            nn.init.normal_(self.mask_token, std=0.02)
-
-    @staticmethod
-    def _mask_token_1d(state_dict, prefix, *_args) -> None:
-        key = prefix + "mask_token"
-        if key in state_dict and state_dict[key].dim() == 3:
-            state_dict[key] = state_dict[key].reshape(-1)
 
     @property
     def num_patches(self) -> int:
@@ -647,29 +652,37 @@ class SiT(nn.Module):
         if opts.sprint:
             h = self.fusion(torch.cat([h, self._sparse(middle, h, c, rope, v1, routing)], dim=-1))
             h, _ = self._run(decoder, h, c, rope, v1)
-        p = self.num_prefix
-        out["v"] = self.unpatchify(self.final_layer(h[:, p:], c))
         if opts.reg_dim:
+            h = self.final_layer.modulated(h, c)
+            out["v"] = self.unpatchify(self.final_layer.linear(h[:, self.num_prefix:]))
             out["cls_v"] = self.cls_head(h[:, 0])
+        else:
+            out["v"] = self.unpatchify(self.final_layer(h, c))
         return out
 
     def _sparse(self, blocks, h, c, rope, v1, routing: Routing) -> torch.Tensor:
         """SPRINT's middle: the kept tokens (all at evaluation) through the sparse blocks, the
-        dropped positions refilled with the mask token; path drop returns the mask token alone."""
+        dropped positions refilled with the mask token; path drop gives the mask token alone."""
         filled = self.mask_token.to(h.dtype).expand(h.shape[0], h.shape[1], -1)  # [D] -> [B, N, D]
-        if routing.path_drop:
-            return filled
+        if routing.path_drop and not torch.is_grad_enabled():
+            return filled  # sampling's path-drop guidance: no gradient, so nothing to run
         if routing.keep is None:
-            return self._run(blocks, h, c, rope, v1)[0]
-        p = self.num_prefix
-        index = torch.cat([torch.arange(p, device=h.device).expand(h.shape[0], p), routing.keep + p], dim=1)
-        sub = torch.gather(h, 1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        sub_rope = (rope[0][index], rope[1][index]) if rope is not None else None
-        sub_v1 = None
-        if v1 is not None:
-            sub_v1 = torch.gather(v1, 2, index[:, None, :, None].expand(-1, v1.shape[1], -1, v1.shape[-1]))
-        sub, _ = self._run(blocks, sub, c, sub_rope, sub_v1)
-        return filled.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), sub)
+            out = self._run(blocks, h, c, rope, v1)[0]
+        else:
+            index = routing.keep
+            sub = torch.gather(h, 1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            sub_rope = (rope[0][index], rope[1][index]) if rope is not None else None
+            sub_v1 = None
+            if v1 is not None:
+                sub_v1 = torch.gather(v1, 2, index[:, None, :, None].expand(-1, v1.shape[1], -1, v1.shape[-1]))
+            sub, _ = self._run(blocks, sub, c, sub_rope, sub_v1)
+            out = filled.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), sub)
+        if routing.path_drop:
+            # training: the sparse blocks stay in the graph with zero gradients (SR-DiT's g * 0 + mask).
+            # DDP (without find_unused_parameters) fails the next step if a parameter got no gradient,
+            # and AdamW still moves a zero-gradient parameter by its momentum, as SR-DiT's does
+            return out * 0 + filled
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -793,7 +806,7 @@ class StepNoise:
     eps: torch.Tensor                     # [B, C, H, W] noise
     drop: torch.Tensor                    # [B] label dropped -> null class
     cls_eps: torch.Tensor | None = None   # [B, reg_dim] REG class-token noise
-    keep: torch.Tensor | None = None      # [B, n_keep] SPRINT kept patch tokens (sorted)
+    keep: torch.Tensor | None = None      # [B, n_keep] SPRINT kept tokens, class token included (sorted)
     path_drop: bool = False               # SPRINT path drop, one decision for every rank
 
     def slice(self, part: slice, device: torch.device | str = "cpu") -> "StepNoise":
@@ -814,8 +827,8 @@ def draw_step_noise(gen: torch.Generator, global_batch: int, sample_shape: tuple
                       torch.rand(global_batch, generator=gen) < class_dropout)
     if reg_dim:
         noise.cls_eps = torch.randn((global_batch, reg_dim), generator=gen)
-    if sprint_tokens:
-        n_keep = max(1, round(sprint_tokens * (1 - sprint_drop_ratio)))
+    if sprint_tokens:  # every token, REG's class token included, may be dropped (as SR-DiT's)
+        n_keep = max(1, int(sprint_tokens * (1 - sprint_drop_ratio)))  # SR-DiT's count: 64 of 257
         order = torch.rand((global_batch, sprint_tokens), generator=gen).argsort(dim=1)
         noise.keep = order[:, :n_keep].sort(dim=1).values
         noise.path_drop = bool(torch.rand(1, generator=gen).item() < sprint_path_drop)
@@ -986,8 +999,9 @@ def read_safetensors(path: Path, expected_format: str, with_tensors: bool = True
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a readable safetensors "
                          f"file): {e}") from e
     if metadata.get("format") != expected_format:
+        why = RETIRED_FORMATS.get(metadata.get("format"))
         raise CheckpointError(f"checkpoint {path} has format {metadata.get('format')!r}, "
-                         f"expected {expected_format!r}")
+                              f"expected {expected_format!r}" + (f": {why}" if why else ""))
     return tensors, metadata
 
 
@@ -1023,7 +1037,7 @@ def load_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
     optim_state = section("optim.")
     for p_name, p in by_name.items():
         state = {key.rsplit(".", 1)[1]: v for key, v in optim_state.items() if key.rsplit(".", 1)[0] == p_name}
-        if state:  # moments take the parameter's shape (a checkpoint's [1, 1, D] mask token is [D] now)
+        if state:  # a moment of another shape than its parameter is refused, naming the parameter
             try:
                 optimizer.state[p] = {k: v if k == "step" else v.to(p.device).view_as(p) for k, v in state.items()}
             except RuntimeError as e:
@@ -1232,7 +1246,7 @@ def noise_source(cfg: Config, track: dict, model: nn.Module) -> NoisePrefetch:
     """Every step's draws for the global batch (a step ahead on a thread); model unwrapped."""
     latent_shape = tuple(track["dataset"]["latent_shape"])
     time_shift = time_shift_for_shape(latent_shape, cfg.time_shift_base) if cfg.time_shift_base > 0 else 1.0
-    sprint_tokens = model.num_patches if cfg.sprint else 0
+    sprint_tokens = model.num_prefix + model.num_patches if cfg.sprint else 0
     return NoisePrefetch(lambda step: draw_step_noise(
         step_generator(cfg.seed, step), cfg.global_batch, latent_shape, cfg.class_dropout, time_shift,
         model.opts.reg_dim, sprint_tokens, cfg.sprint_drop_ratio, cfg.sprint_path_drop))

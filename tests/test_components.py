@@ -63,7 +63,7 @@ def test_all_components_shapes_and_gradient_flow():
     model = digits_model(**ALL_ON, repa_depth=2, repa_dim=64, reg_dim=64)
     x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
     y, cls_t = torch.tensor([0, 3, 9, 10]), torch.randn(4, 64)
-    keep = torch.stack([torch.randperm(16)[:4].sort().values for _ in range(4)])
+    keep = torch.stack([torch.randperm(17)[:4].sort().values for _ in range(4)])  # class token + 16 patches
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(4):  # adaLN-Zero opens the network over a few steps
         opt.zero_grad()
@@ -81,11 +81,16 @@ def test_sprint_without_dropping_equals_the_dense_path_and_path_drop_ignores_the
     x, t, y, cls_t = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 10]), torch.randn(3, 64)
     for p in model.parameters():  # leave the zero init so every path matters
         p.data.add_(0.05 * torch.randn_like(p))
-    dense = model(x, t, y, cls_t=cls_t)["v"]
-    keep_all = torch.arange(16).expand(3, 16)
+    full = model(x, t, y, cls_t=cls_t)
+    dense = full["v"]
+    keep_all = torch.arange(17).expand(3, 17)  # token 0 is the class token
     torch.testing.assert_close(model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep_all))["v"], dense)
     dropped = model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep_all[:, ::4]))["v"]
     assert not torch.allclose(dropped, dense, atol=1e-4)
+    # the class token is routed like any token: dropping it alone changes both outputs
+    no_cls = model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep_all[:, 1:]))
+    assert not torch.allclose(no_cls["v"], dense, atol=1e-4)
+    assert not torch.allclose(no_cls["cls_v"], full["cls_v"], atol=1e-4)
     # by hand: encoder blocks, middle blocks on all tokens, fusion, decoder blocks (same weights)
     h = torch.cat([model.cls_embedder(cls_t).unsqueeze(1),
                    model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed], dim=1)
@@ -101,13 +106,37 @@ def test_sprint_without_dropping_equals_the_dense_path_and_path_drop_ignores_the
     for block in model.blocks[4:]:
         h, _ = block(h, c, rope, v1)
     torch.testing.assert_close(model.unpatchify(model.final_layer(h[:, 1:], c)), dense)
-    # path drop: the middle blocks do not matter
+    # REG's head reads the class token after the final layer's modulated norm (SR-DiT's FinalLayer)
+    shift, scale = model.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+    normed = torch.nn.functional.rms_norm(h[:, 0], (h.shape[-1],), eps=1e-6)
+    torch.testing.assert_close(full["cls_v"], model.cls_head(normed * (1 + scale) + shift))
+    # path drop: the middle blocks do not matter, with or without a gradient to compute
     before = model(x, t, y, cls_t=cls_t, routing=Routing(path_drop=True))["v"]
     with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y, cls_t=cls_t, routing=Routing(path_drop=True))["v"], before)
         for p in model.blocks[2].parameters():
             p.add_(1.0)
     torch.testing.assert_close(model(x, t, y, cls_t=cls_t, routing=Routing(path_drop=True))["v"], before)
     assert not torch.allclose(model(x, t, y, cls_t=cls_t)["v"], dense, atol=1e-4)
+    # ...yet in training every middle parameter gets a gradient, zero: DDP fails a step after one
+    # in which a parameter got none, and AdamW moves zero-gradient parameters by their momentum
+    model(x, t, y, cls_t=cls_t, routing=Routing(keep=keep_all[:, ::4], path_drop=True))["v"].square().mean().backward()
+    middle = [(n, p) for n, p in model.named_parameters() if n.startswith(("blocks.2.", "blocks.3."))]
+    assert middle and all(p.grad is not None and not p.grad.any() for _, p in middle)
+    assert model.mask_token.grad.abs().sum() > 0 and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_timestep_features_are_sinusoids_of_t_itself():
+    """As SiT, REPA and SR-DiT embed t in [0, 1] (DiT's 1000 t made every feature a different,
+    faster function of t): the MLP sees [cos(t f_k), sin(t f_k)], f_k = 10000^(-k/128)."""
+    model = digits_model()
+    seen = []
+    model.t_embedder.mlp[0].register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    t = torch.tensor([0.0, 0.3, 1.0])
+    model.t_embedder(t)
+    f = 10000.0 ** (-torch.arange(128, dtype=torch.float64) / 128)
+    angles = t.double().unsqueeze(1) * f
+    torch.testing.assert_close(seen[0].double(), torch.cat([angles.cos(), angles.sin()], dim=1), atol=1e-6, rtol=0)
 
 
 def test_rope_depends_only_on_relative_positions():
@@ -294,7 +323,7 @@ def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch, flash):
     torch path's outputs and gradients, with value residual, REG token and SPRINT routing on."""
     opts = dict(ALL_ON, reg_dim=64)
     x, t, y, cls_t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10]), torch.randn(2, 64)
-    keep = torch.stack([torch.randperm(16)[:4].sort().values for _ in range(2)])
+    keep = torch.stack([torch.randperm(17)[:4].sort().values for _ in range(2)])
     import kernels
     attention = "attention" if flash else "qk_norm_rope"
     calls = {"modulated_rmsnorm": 0, "gated_residual_modulated_rmsnorm": 0, attention: 0}
@@ -323,14 +352,15 @@ def test_triton_kernels_match_torch_through_the_whole_model(monkeypatch, flash):
         train.set_kernels(digits_model(), "cuda", torch.device("cpu"))
 
 
-def test_checkpoint_with_the_old_3d_mask_token_loads(tmp_path):
-    """The SPRINT mask token is 1-D (a [1, 1, D] parameter broke torch.compile's backward on
-    torch 2.11); checkpoints written with the [1, 1, D] layout still load, moments included."""
+def test_files_of_a_retired_format_are_refused_with_the_reason_and_a_misfit_moment_is_named(tmp_path):
+    """v1 checkpoints and models hold networks that no longer exist (1000 t embedding, REG head
+    before the final norm, class token never dropped): loading one must say so, not load weights
+    into a network that computes something else. A moment that does not fit is named."""
     import copy
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     model = digits_model(**ALL_ON)
-    assert model.mask_token.shape == (model.blocks[0].attn.qkv.in_features,)
     ema = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
@@ -339,19 +369,18 @@ def test_checkpoint_with_the_old_3d_mask_token_loads(tmp_path):
     path = tmp_path / "ckpt.safetensors"
     train.save_checkpoint(path, model, ema, opt, 1, train.parse_config([]), {})
     tensors = load_file(str(path))
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as fh:
         metadata = fh.metadata()
-    old_keys = [k for k in tensors if k.endswith(("mask_token", "mask_token.exp_avg", "mask_token.exp_avg_sq"))]
-    assert len(old_keys) == 4  # model, ema and the two Adam moments
-    save_file({k: v.reshape(1, 1, -1) if k in old_keys else v for k, v in tensors.items()}, str(path),
-              metadata=metadata)
     fresh, fresh_ema = digits_model(**ALL_ON), digits_model(**ALL_ON)
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    train.load_checkpoint(path, fresh, fresh_ema, fresh_opt)
-    assert torch.equal(fresh.mask_token, model.mask_token) and torch.equal(fresh_ema.mask_token, ema.mask_token)
-    assert torch.equal(fresh_opt.state[fresh.mask_token]["exp_avg"], opt.state[model.mask_token]["exp_avg"])
-    # a moment that does not fit its parameter is reported with the parameter's name
+    train.load_checkpoint(path, fresh, fresh_ema, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    assert torch.equal(fresh.mask_token, model.mask_token)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata | {"format": "speedrun-ckpt-v1"})
+    with pytest.raises(train.CheckpointError, match=r"'speedrun-ckpt-v1'.*1000 t.*retrain"):
+        train.load_checkpoint(old, fresh, fresh_ema, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    save_file(tensors, str(old), metadata=metadata | {"format": "speedrun-model-v1"})
+    with pytest.raises(train.CheckpointError, match=r"'speedrun-model-v1'.*retrain"):
+        train.load_model(old)
     save_file({k: (v[:3] if k == "optim.mask_token.exp_avg" else v) for k, v in tensors.items()}, str(path),
               metadata=metadata)
     with pytest.raises(train.CheckpointError, match="mask_token"):

@@ -158,6 +158,11 @@ def test_flow_matching_inputs_formula_and_dropout():
     assert torch.equal(full.t, t) and torch.equal(full.eps, eps) and torch.equal(full.drop, drop)
     assert full.cls_eps.shape == (4000, 3) and full.keep.shape == (4000, 4)
     assert all(sorted(set(row.tolist())) == row.tolist() for row in full.keep[:50])
+    # SR-DiT's count, over every token with REG's class token (token 0) among them: int(257 * 0.25)
+    routed = train.draw_step_noise(train.step_generator(0, 7), 4000, (1, 2, 2), 0.25, reg_dim=3,
+                                   sprint_tokens=257, sprint_drop_ratio=0.75)
+    assert routed.keep.shape == (4000, 64)
+    assert abs((routed.keep == 0).any(dim=1).float().mean().item() - 64 / 257) < 0.03
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -583,13 +588,23 @@ def _assert_same_training(a: Path, b: Path) -> None:
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_track, components):
     """NPROC=2 bash train.sh on CPU (two real gloo ranks) ends where one process with the same
     global batch ends; with every SR-DiT component on too (CFM pairs across the rank boundary,
-    SPRINT draws shared)."""
+    SPRINT draws shared, and SPRINT path drops followed by further steps: DDP fails the step after
+    one in which a parameter got no gradient)."""
     from test_components import ALL_FLAGS
-    flags = ALL_FLAGS if components == "all" else []
+    flags = ALL_FLAGS + ["--sprint_path_drop", "0.5"] if components == "all" else []
     two = _launch_train_sh(tmp_path, tiny_track, None, flags, [{"NPROC": "2"}])  # the agreed default name
     one = _launch_train_sh(tmp_path, tiny_track, "one", flags, [{"NPROC": "1"}])
     _assert_same_training(two, one)
     assert "world_size: 2" in (two / "train.log").read_text()
+    if components == "all":  # the run's own draws: a path drop before the last step, and a step without
+        cfg = train.parse_config(["--track", str(tiny_track), *flags])
+        meta = train.read_safetensors(two / "model.safetensors", train.MODEL_FORMAT, with_tensors=False)[1]
+        model = train.SiT(meta["model"], int(meta["input_size"]), int(meta["in_channels"]),
+                          int(meta["num_classes"]), train.ModelOptions(**json.loads(meta["options"])))
+        draws = train.noise_source(cfg, json.loads(tiny_track.read_text()), model)
+        drops = [draws(step).path_drop for step in range(cfg.iterations - 1)]
+        draws.close()
+        assert any(drops) and not all(drops), drops
 
 
 def _free_port() -> int:
