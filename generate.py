@@ -294,10 +294,12 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, l
     """The velocity of the packed state z = [latent (flattened), REG class token (reg_dim)].
 
     Classifier-free guidance v_u + w (v_c - v_u) with w = `scale` on the latent and `cls_scale`
-    (default: scale) on the class token, applied only for t in [low, high] (the guidance
-    interval); outside it, and when both scales are 1, the conditional velocity alone.
-    The unconditional branch uses the null label, and with `path_drop_guidance` also SPRINT's
-    path drop (SR-DiT's path-drop guidance)."""
+    (default: scale) on the class token, as SR-DiT's samplers define them: guidance applies when
+    scale > 1 and t is in [low, high] (the guidance interval), otherwise the conditional velocity
+    alone; a class-token scale of 0 leaves the class token conditional (unguided). Each network
+    evaluation is gated by its own t, so a Heun step across a bound mixes a guided and an unguided
+    velocity (REPA's Heun gates both by the step's start). The unconditional branch uses the null
+    label, and with `path_drop_guidance` also SPRINT's path drop (SR-DiT's path-drop guidance)."""
     from train import Routing
 
     low, high = interval
@@ -310,6 +312,14 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, l
     if cls_scale is not None and cls_scale != scale and not reg_dim:
         raise ValueError("a class-token guidance scale needs a model trained with REG (this one has no "
                          "class token)")
+    # SR-DiT and REPA guide only above 1: refuse what they would silently ignore
+    if scale < 1:
+        raise ValueError(f"guidance scale {scale} is below 1: 1 is no guidance, above 1 guides")
+    if cls_scale is not None and cls_scale < 0:
+        raise ValueError(f"class-token guidance scale {cls_scale} is negative (0: the class token unguided)")
+    if scale == 1 and cls_scale not in (None, 0, 1):
+        raise ValueError(f"class-token guidance scale {cls_scale} without guidance of the latent "
+                         "(guidance scale 1): SR-DiT guides the class token only alongside the latent")
     low, high = low - GRID_TIME_TOLERANCE, high + GRID_TIME_TOLERANCE
     cls_scale = scale if cls_scale is None else cls_scale
     null = torch.full_like(y, num_classes)
@@ -325,14 +335,15 @@ def guided_velocity(model: torch.nn.Module, y: torch.Tensor, num_classes: int, l
     weights = torch.cat([torch.full((n,), float(scale)), torch.full((reg_dim,), float(cls_scale))])
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if (scale == 1.0 and cls_scale == 1.0) or not (low <= float(t[0]) <= high):
+        if scale == 1.0 or not (low <= float(t[0]) <= high):
             return call(z, t, y, False).to(z.dtype)
         if path_drop_guidance:
             cond, uncond = call(z, t, y, False), call(z, t, null, True)
         else:
             cond, uncond = call(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]), False).chunk(2)
         cond, uncond = cond.to(z.dtype), uncond.to(z.dtype)  # guidance combined in the state's dtype
-        return uncond + weights.to(z.device, z.dtype) * (cond - uncond)
+        guided = uncond + weights.to(z.device, z.dtype) * (cond - uncond)
+        return guided if cls_scale else torch.cat([guided[:, :n], cond[:, n:]], dim=1)
     return velocity
 
 
@@ -522,8 +533,8 @@ def check_model_fits_track(meta: dict, track: dict) -> None:
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
-    from train import (ConfigError, _str2bool, evaluation_sample_files, load_model, load_track,
-                       sample_evaluation_seeds, set_kernels, use_tf32)
+    from train import (Config, ConfigError, _on_gpu, _str2bool, evaluation_sample_files, load_model, load_track,
+                       process_state, sample_evaluation_seeds, set_kernels, use_tf32)
 
     parser = argparse.ArgumentParser(description="Sample an exported model with a track's protocol "
                                      "(flags override single protocol fields) into an ADM .npz")
@@ -542,7 +553,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=None,
                         help="apply guidance only for t in [low, high]")
     parser.add_argument("--cls_guidance_scale", type=float, default=None,
-                        help="guidance scale of the REG class token (default: --guidance_scale)")
+                        help="guidance scale of the REG class token (default: --guidance_scale; 0: unguided)")
     parser.add_argument("--path_drop_guidance", type=_str2bool, default=None,
                         help="SPRINT path drop in the unconditional branch (true/false)")
     parser.add_argument("--labels", choices=["balanced", "random"], default=None)
@@ -556,7 +567,8 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    process_state(Config())  # the process group with train.py's collective timeout: rank 0 merges alone
+    accelerator = Accelerator(cpu=not _on_gpu())
     if accelerator.device.type == "cuda":
         use_tf32()  # as train.py samples at the end of a run
     try:

@@ -132,6 +132,9 @@ class Config:
     contributors: str = flag("", "comma-separated names for the leaderboard")
     write_record: bool = flag(True, "write a record when the run used the track's budget")
     wandb: str = flag("off", "off | offline | online Weights & Biases logging")
+    dist_timeout_minutes: float = flag(120, "how long a process waits in a collective before the run is "
+                                            "aborted (NCCL's 10 min default is shorter than rank 0's scoring "
+                                            "at the end of an ImageNet run)")
 
 
 MODEL_ZOO = {  # name -> (depth, hidden size, heads); DiT/SiT sizes, plus the digits presets
@@ -264,7 +267,7 @@ def validate_config(cfg: Config) -> None:
 RESUME_MAY_CHANGE = frozenset({
     "data_dir", "encoder_weights", "grad_accum", "compile", "compile_mode", "deterministic", "kernels", "run_name",
     "runs_dir", "records_dir", "leaderboard", "log_every", "ckpt_every", "keep_checkpoints", "resume",
-    "description", "contributors", "write_record", "wandb"})
+    "description", "contributors", "write_record", "wandb", "dist_timeout_minutes"})
 # ...of which these name this command itself, never the checkpoint's
 RESUME_FROM_COMMAND = frozenset({"resume", "run_name", "runs_dir"})
 
@@ -1079,7 +1082,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def default_run_name(cfg: Config) -> str:
     """<date>_<model>_s<seed>, with -2, -3, ... when a fresh run would land in an earlier run's
     folder (a resume keeps the plain name). Every rank computes the same folder list: nothing is
-    written before all ranks have joined the process group; the date is rank 0's (agreed_run_name)."""
+    written before all ranks have joined the process group; the date is rank 0's (rank0_value)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     base = f"{stamp}_{cfg.model.replace('/', '')}_s{cfg.seed}"
     if cfg.resume:
@@ -1180,16 +1183,28 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
 
 
-def agreed_run_name(cfg: Config) -> str:
-    """default_run_name as rank 0 computes it, on every rank: ranks started on either side of UTC
-    midnight (or nodes whose clocks differ) would otherwise train into two folders, and rank 0
-    would miss the others' sample files at the end."""
+def process_state(cfg: Config):
+    """This process's place in the run (accelerate's PartialState), joining the process group on
+    first use, with cfg's timeout for every collective. The waiting ranks sit in one while rank 0
+    works alone: it scores 3 x 50K samples at the end of an ImageNet run (~13 min on an H100,
+    benchmarks/RESULTS_GPU.md) and writes sample batches of up to 39 GB, beyond the 10 minutes
+    after which NCCL's watchdog would abort them and take the run's record with them."""
     from accelerate import PartialState
+    if not cfg.dist_timeout_minutes > 0:
+        raise ConfigError(f"--dist_timeout_minutes must be positive, got {cfg.dist_timeout_minutes}")
+    return PartialState(cpu=not _on_gpu(), timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes))
+
+
+def rank0_value(cfg: Config, value):
+    """value as rank 0 has it, on every rank. The default run name: ranks started on either side
+    of UTC midnight (or nodes whose clocks differ) would otherwise train into two folders, and rank
+    0 would miss the others' sample files. --resume auto's checkpoint: nodes listing a shared
+    folder a moment apart (or through a stale directory cache) could resume different steps."""
     from accelerate.utils import broadcast_object_list
-    name = [default_run_name(cfg)]
-    if PartialState(cpu=not _on_gpu()).num_processes > 1:  # joins the process group make_accelerator uses
-        broadcast_object_list(name)
-    return name[0]
+    box = [value]
+    if process_state(cfg).num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
 
 
 def use_tf32() -> None:
@@ -1204,7 +1219,10 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     on_gpu = _on_gpu()
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
+    from accelerate.utils import InitProcessGroupKwargs
+    process_state(cfg)  # the process group, with the run's collective timeout, if rank0_value has not made it
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision, kwargs_handlers=[
+        InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes))])
     if on_gpu:
         use_tf32()
     return accelerator
@@ -1330,9 +1348,9 @@ def train(cfg: Config) -> dict:
     source = Path(__file__).read_text()  # read once: the log and the code hash describe this code
     code = code_hash(source)
     if not cfg.run_name:
-        cfg.run_name = agreed_run_name(cfg)
+        cfg.run_name = rank0_value(cfg, default_run_name(cfg))
     run_dir = Path(cfg.runs_dir) / cfg.run_name
-    resume_path = _resolve_resume(cfg, run_dir)
+    resume_path = rank0_value(cfg, _resolve_resume(cfg, run_dir))
     own = resume_path is not None and resume_path.resolve().parent == (run_dir / "checkpoints").resolve()
     if list_checkpoints(run_dir) and not own:  # its pruning would delete them, its log append to theirs
         raise ConfigError(f"run folder {run_dir} holds checkpoints of an earlier run: continue it with "
@@ -1361,7 +1379,14 @@ def train(cfg: Config) -> dict:
         from preprocessing.digits import ensure_digits
         ensure_digits(cfg.data_dir)
     accelerator.wait_for_everyone()
-    dataset = ShardDataset(cfg.data_dir, track["dataset"]["train_split"])
+    # the split's sha256 are checked by one process per node (294 GB at 256 px: minutes of hashing,
+    # eight times over if every rank of the node did it); the node's other ranks open it after that
+    split = track["dataset"]["train_split"]
+    if accelerator.is_local_main_process:
+        dataset = ShardDataset(cfg.data_dir, split)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_local_main_process:
+        dataset = ShardDataset(cfg.data_dir, split, verify=False)
     check_dataset_fits_track(dataset, track)
     data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
     if prior:

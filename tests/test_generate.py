@@ -62,6 +62,38 @@ def test_guidance_interval_is_inclusive_and_refuses_settings_that_do_nothing():
         guided_velocity(model, y, 10, (1, 2, 2), scale=3.0, cls_scale=2.0)
 
 
+class WithClassToken(LinearField):
+    """LinearField plus a REG class-token velocity that depends on the label too."""
+
+    def forward(self, x, t, y, cls_t=None, routing=None):
+        return super().forward(x, t, y) | {"cls_v": self.a[y].view(-1, 1) * cls_t + self.b[y].view(-1, 1)}
+
+
+def test_class_token_guidance_scales_mean_what_sr_dit_means():
+    """SR-DiT's samplers: the class token follows the latent's guidance, at its own scale when one
+    is given, and a class-token scale of 0 leaves it conditional; scales that SR-DiT would ignore
+    (below 1, or a class-token scale without latent guidance) are refused, not ignored."""
+    model = WithClassToken(10)
+    x, c, y = torch.randn(3, 1, 2, 2), torch.randn(3, 5), torch.tensor([1, 4, 8])
+    z, t = torch.cat([x.flatten(1), c], dim=1), torch.full((3,), 0.5)
+    cond, uncond = model(x, t, y, cls_t=c), model(x, t, torch.full_like(y, 10), cls_t=c)
+
+    def velocity(**scales):
+        return guided_velocity(model, y, 10, (1, 2, 2), reg_dim=5, **scales)(z, t)
+    for cls_scale, w in ((None, 3.0), (1.5, 1.5)):
+        v = velocity(scale=3.0, cls_scale=cls_scale)
+        torch.testing.assert_close(v[:, :4], (uncond["v"] + 3.0 * (cond["v"] - uncond["v"])).flatten(1))
+        torch.testing.assert_close(v[:, 4:], uncond["cls_v"] + w * (cond["cls_v"] - uncond["cls_v"]))
+    unguided_token = velocity(scale=3.0, cls_scale=0.0)
+    torch.testing.assert_close(unguided_token[:, :4], v[:, :4])
+    assert torch.equal(unguided_token[:, 4:], cond["cls_v"])
+    assert torch.equal(velocity(scale=1.0, cls_scale=0.0), torch.cat([cond["v"].flatten(1), cond["cls_v"]], 1))
+    for scales, message in (({"scale": 0.5}, "below 1"), ({"scale": 2.0, "cls_scale": -1.0}, "negative"),
+                            ({"scale": 1.0, "cls_scale": 2.0}, "without guidance of the latent")):
+        with pytest.raises(ValueError, match=message):
+            velocity(**scales)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "heun", "euler_maruyama"])
 def test_samples_do_not_depend_on_batching_or_sharding(sampler):
     model = LinearField(10)

@@ -628,6 +628,40 @@ def test_two_nodes_match_one_process(tmp_path, tiny_track):
     assert "world_size: 4" in (four / "train.log").read_text()
 
 
+_WAIT_FOR_RANK0 = """
+import sys, time
+import torch.distributed as dist
+import train
+state = train.process_state(train.parse_config(["--dist_timeout_minutes", sys.argv[1]]))
+if state.process_index == 0:
+    time.sleep(8)  # rank 0 working alone, as when it scores at the end of a run
+try:
+    dist.barrier()
+    print(f"rank {state.process_index} passed", flush=True)
+except Exception as e:
+    print(f"rank {state.process_index} gave up: {type(e).__name__}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("minutes, ends", [("0.05", "gave up"), ("1", "passed")])
+def test_the_collective_timeout_is_the_runs(tmp_path, minutes, ends):
+    """--dist_timeout_minutes reaches the process group: a rank waits that long for rank 0, no less
+    (NCCL's 10-minute default would abort the waiting ranks while rank 0 scores an ImageNet run)
+    and no more."""
+    script = tmp_path / "wait.py"
+    script.write_text(_WAIT_FOR_RANK0)
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+               ACCELERATE_USE_CPU="1")
+    procs = [subprocess.Popen([sys.executable, str(script), minutes], cwd=tmp_path, text=True,
+                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(2)]
+    out = [p.communicate(timeout=120)[0] for p in procs]
+    assert f"rank 1 {ends}" in out[1], out
+    with pytest.raises(train.ConfigError, match="--dist_timeout_minutes must be positive"):
+        train.process_state(train.parse_config(["--dist_timeout_minutes", "0"]))
+
+
 def test_multi_node_launch_needs_a_rank_and_an_address(tmp_path, tiny_track):
     env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable, NNODES="2", NPROC="1")
     proc = subprocess.run(["bash", "train.sh", "--track", str(tiny_track)], cwd=ROOT, env=env,
