@@ -483,6 +483,14 @@ def test_train_sh_counts_only_the_gpus_cuda_may_use(tmp_path):
         out = subprocess.run(["bash", "-c", "source scripts/gpus.sh && visible_gpus"], cwd=ROOT, env=env,
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == str(count), (visible, out)
+    # no nvidia-smi on the PATH: CUDA's count, through the project's Python (here one that says 3)
+    (fake / "nvidia-smi").unlink()
+    (fake / "python").write_text("#!/bin/sh\necho 3\n")
+    (fake / "python").chmod(0o755)
+    out = subprocess.run([shutil.which("bash"), "-c", "source scripts/gpus.sh && visible_gpus"], cwd=ROOT,
+                         env={"PATH": str(fake), "PY": str(fake / "python")}, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "3"
 
 
 def test_run_log_starts_with_source_and_environment(tmp_path, run_args):
