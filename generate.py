@@ -267,7 +267,9 @@ def state_dtype(protocol: dict) -> torch.dtype:
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The private random stream of sample `index` under `seed`."""
+    """The random stream of sample `index` under `seed`. Torch's CPU generator (MT19937) keeps 32
+    bits of the seed, so two keys share a stream with probability 2^-32: about 3 pairs among the
+    3 x 50K samples of an ImageNet evaluation, no measurable effect on a metric."""
     key = hashlib.sha256(f"sample/{seed}/{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
