@@ -268,8 +268,9 @@ RESUME_MAY_CHANGE = frozenset({
     "data_dir", "encoder_weights", "grad_accum", "compile", "compile_mode", "deterministic", "kernels", "run_name",
     "runs_dir", "records_dir", "leaderboard", "log_every", "ckpt_every", "keep_checkpoints", "resume",
     "description", "contributors", "write_record", "wandb", "dist_timeout_minutes"})
-# ...of which these name this command itself, never the checkpoint's
-RESUME_FROM_COMMAND = frozenset({"resume", "run_name", "runs_dir"})
+# ...of which these name this command itself, never the checkpoint's (the collective timeout is
+# set when the process group forms, before the checkpoint is read)
+RESUME_FROM_COMMAND = frozenset({"resume", "run_name", "runs_dir", "dist_timeout_minutes"})
 
 
 def resumed_config(cfg: Config, prior: dict, path: Path) -> Config:
@@ -1219,10 +1220,8 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     on_gpu = _on_gpu()
     precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
-    from accelerate.utils import InitProcessGroupKwargs
-    process_state(cfg)  # the process group, with the run's collective timeout, if rank0_value has not made it
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision, kwargs_handlers=[
-        InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes))])
+    process_state(cfg)  # the process group with the run's collective timeout (unless rank0_value made it)
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision)
     if on_gpu:
         use_tf32()
     return accelerator
