@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -41,14 +42,28 @@ def _tracks(records_dir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(tracks_dir_of(records_dir).glob("*.json"))}
 
 
+# GitHub links bare URLs and e-mail addresses by itself (GFM autolinks); an HTML entity (or a
+# zero-width space after "@": the parser joins entities back into the text it scans for addresses)
+# breaks what it scans for, and renders as the same text
+AUTOLINK_BREAKS = ((re.compile(r"://"), "&#58;//"), (re.compile(r"(www)\.", re.I), r"\1&#46;"),
+                   (re.compile("@"), "@&#8203;"))
+
+
 def _cell(text) -> str:
     """Record text as one inert table cell: one line, HTML escaped, and the characters that would end
-    the cell or start a link or code span escaped (a record cannot add rows, links or HTML)."""
+    the cell or start a link or code span escaped, bare URLs and addresses broken (a record cannot
+    add rows, links or HTML)."""
     text = html.escape(" ".join(str(text).split()), quote=False)
-    return "".join("\\" + c if c in "\\|[]`" else c for c in text)
+    text = "".join("\\" + c if c in "\\|[]`" else c for c in text)
+    for pattern, replacement in AUTOLINK_BREAKS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
-def _records_by_track(records_dir: Path) -> tuple[dict[str, list[dict]], list[str]]:
+Judged = tuple[dict[str, list[dict]], list[str]]  # what _records_by_track returns
+
+
+def _records_by_track(records_dir: Path) -> Judged:
     """Valid records per track (each with "_folder"), and the folders of the invalid ones (named
     only: `python -m records.validate <folder>` says why)."""
     from records.validate import validate_tree
@@ -102,10 +117,11 @@ def plot_track(records: list[dict], track: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def render_markdown(records_dir: Path) -> str:
+def render_markdown(records_dir: Path, judged: Judged | None = None) -> str:
+    """LEADERBOARD.md's text; `judged`: _records_by_track(records_dir) when the caller has it."""
     records_dir = Path(records_dir)
     tracks = _tracks(records_dir)
-    rows, invalid = _records_by_track(records_dir)
+    rows, invalid = judged if judged is not None else _records_by_track(records_dir)
     out = [HEADER, "\n# Leaderboard\n"]
     out.append("\nEvery row is a record folder under `records/`; reproduce one with "
                "`bash eval.sh <record folder>`. Numbers of different tracks are not comparable.\n")
@@ -176,11 +192,11 @@ def _published(published: list[dict], track: dict) -> str:
     return "".join(lines)
 
 
-def render_plots(records_dir: Path) -> list[Path]:
+def render_plots(records_dir: Path, judged: Judged | None = None) -> list[Path]:
     """One plot per track with records: records/<track>/leaderboard.png."""
     records_dir = Path(records_dir)
     tracks = _tracks(records_dir)
-    by_track, _ = _records_by_track(records_dir)
+    by_track, _ = judged if judged is not None else _records_by_track(records_dir)
     paths = []
     for name, records in sorted(by_track.items()):
         path = records_dir / name / "leaderboard.png"
@@ -199,8 +215,9 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 def render_leaderboard(records_dir: Path, out_path: Path) -> str:
     from preprocessing.shards import atomic_write
-    text = render_markdown(records_dir)
-    render_plots(records_dir)
+    judged = _records_by_track(records_dir)  # validating (re-scoring, regenerating) is the slow part: once
+    text = render_markdown(records_dir, judged)
+    render_plots(records_dir, judged)
     atomic_write(Path(out_path), lambda tmp: Path(tmp).write_text(text))
     return text
 

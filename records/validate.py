@@ -12,31 +12,37 @@ with the record, and whose step lines go forward in time within each leg of the 
 protocol has a run with every metric the track lists, the stored evaluation output holds the same
 runs and the metrics are their mean; and, when the track's feature network is available locally,
 every seed's samples are re-scored (within RESCORE_TOLERANCE: another CPU's float32 kernels round
-differently). No two seeds of a record share their samples, and no two records share a model (the
-same tensor values, whatever their dtype) or a sample batch (more than SHARED_IMAGES of its
-images, in any order).
+differently). Every sample batch's labels (arr_1) are the protocol's, and where the model decodes
+without external weights (digits: no autoencoder) a few samples of every seed are regenerated from
+the model and compared with the stored ones (the spot check: the samples are the model's); other
+tracks say that eval.sh is that check. No two seeds of a record share their samples, and no two
+records share a model (the same tensor values, whatever their dtype) or a sample batch (more than
+SHARED_IMAGES of its images, in any order).
 Then the significance rule: a one-sided Welch t-test on the primary metric's runs against the best
 earlier record of the track (with --claim-record: the best other record, whatever its date);
 --claim-record fails unless p is below the track's threshold.
 Exit 0 when every record is valid (and, with --claim-record, a new record), 1 otherwise.
 
-What this proves: a record is internally consistent, its artefacts are the ones it lists, and its
-samples score as claimed. What it cannot prove: that the model came from the run its log
-describes (someone who edits the log, the model metadata and record.json together can claim any
-budget, time or data). `bash eval.sh <record>` regenerates the samples from the checkpoint; on
-cheap tracks `--retrain` re-runs the training itself.
+What this proves: a record is internally consistent, its artefacts are the ones it lists, its
+samples score as claimed and, where they are regenerated here, are its model's. What it cannot
+prove: that the model came from the run its log describes (someone who edits the log, the model
+metadata and record.json together can claim any budget, time or data). `bash eval.sh <record>`
+regenerates every sample from the checkpoint; on cheap tracks `--retrain` re-runs the training.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
+import secrets
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,6 +50,7 @@ from records.record import RecordError, artefact_path, device_hours_of, find_rec
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_FEATURE_NETWORKS = {"digits_net"}  # re-scoring needs no downloaded weights
+LOCAL_DECODERS = {"identity"}  # latent decoders without weights: samples are regenerated here
 DEFAULT_SIGNIFICANCE = {"min_runs": 3, "p_value": 0.01}
 # Re-scoring on another CPU is not bitwise: the digits feature network runs in float32 and oneDNN's
 # kernels for another instruction set sum in another order. The committed digits record, scored on
@@ -60,6 +67,19 @@ COUNTED_METRICS = {"precision": "samples", "recall": "reference"}  # the set who
 # 20-sample track drew 2 alike. Batches that share more than these fractions of their images are one
 # batch reused (for two seeds, or by two records), whatever was changed, reordered or re-compressed.
 SHARED_IMAGES = {"other noise": 0.01, "same noise": 0.5}
+# The spot check: sample i of a seed depends on (seed, i) only (generate.sample_generator), so a few
+# can be regenerated alone from the model and compared with the stored ones. Per seed, "fixed"
+# indices come from the sample file's sha256 and "fresh" ones from the OS's randomness (why both:
+# spot_check_indices). The digits model regenerates 5 samples in ~0.15 s.
+SPOT_CHECK = {"fixed": 3, "fresh": 2}
+# Another machine's float32 kernels round differently, and the sampler carries a difference on to
+# the pixels. The committed digits record's 3000 samples, regenerated with torch's, MKL's and oneDNN's
+# AVX2/SSE kernels (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), moved by at
+# most 1 level in 1 pixel value of 64000; with every matmul's inputs rounded to TF32 (what a GPU
+# computes) by at most 1 level in 0.7% of them. The training image or other-seed sample closest to
+# any of its samples differs by more than 2 levels in at least 40% of the pixel values. An image
+# passes when at most "fraction" of its pixel values differ by more than "levels".
+SPOT_CHECK_TOLERANCE = {"levels": 2, "fraction": 0.05}
 
 
 FOLDER_NAME = re.compile(r"\d{4}-\d{2}-\d{2}_[A-Za-z0-9._-]+")  # write_record's names
@@ -86,7 +106,6 @@ def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
     values (not of the file, nor of the dtypes: a re-saved copy of the same weights, or one stored
     as float64, loads as the same model)."""
     import dataclasses
-    import hashlib
 
     import train
     from safetensors import safe_open
@@ -127,8 +146,6 @@ def _model_file(where: Path, path: Path, record: dict, track: dict) -> str:
 def _image_digests(path: Path) -> frozenset[bytes]:
     """A digest of each image of a sample batch (arr_0), whatever the zip around them and their
     order; read in chunks, so a 50K batch is never in memory at once."""
-    import hashlib
-
     from evaluations.npz import NpzArrayReader
     digests = set()
     with NpzArrayReader(path) as reader:
@@ -300,22 +317,38 @@ def _check_provenance(where: Path, provenance, track: dict) -> None:
             raise RecordError(f"{where}: artefact evaluation was scored with {name} {used}, the track pins {pinned}")
 
 
-def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True) -> dict:
-    """Every check that needs no training or sampling. Raises RecordError naming the field.
+def spot_check_indices(sha256: str, num_samples: int) -> list[int]:
+    """The samples of one batch that the spot check regenerates: SPOT_CHECK["fixed"] picked by the
+    batch file's sha256 and SPOT_CHECK["fresh"] drawn anew at every validation. Fixed ones alone
+    could be dodged: whoever replaced some images could re-save the file until its digest picks none
+    of them. Fresh ones alone would make a failure impossible to re-run. With both, every validation
+    (CI, each reviewer) checks the same reproducible ones and others that nobody could predict."""
+    fixed = [int.from_bytes(hashlib.sha256(f"spot/{sha256}/{j}".encode()).digest()[:8], "little") % num_samples
+             for j in range(SPOT_CHECK["fixed"])]
+    fresh = [secrets.randbelow(num_samples) for _ in range(SPOT_CHECK["fresh"])]  # os.urandom
+    return sorted(set(fixed) | set(fresh))
+
+
+def validate_record(record_dir: Path, tracks_dir: Path, rescore: bool = True,
+                    spot_indices: Callable[[str, int], list[int]] = spot_check_indices) -> dict:
+    """Every check that needs no training, and with `rescore` those that run the networks:
+    re-scoring, and the spot check, which regenerates the samples spot_indices(sha256 of the batch
+    file, number of samples) names. Raises RecordError naming the field.
     Returns the record with "_unchecked" (what could not be checked here) and "_content" (the
     digest of its model's tensors, "model", and each sample batch's image digests, "samples":
     what twins share)."""
     record_dir = Path(record_dir)
     where = record_dir / "record.json"
     try:
-        return _validate(record_dir, where, Path(tracks_dir), rescore)
+        return _validate(record_dir, where, Path(tracks_dir), rescore, spot_indices)
     except RecordError:
         raise
     except Exception as e:  # whatever a malformed record breaks, it is an invalid record
         raise RecordError(f"{where}: {type(e).__name__}: {e}") from e
 
 
-def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) -> dict:
+def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool,
+              spot_indices: Callable[[str, int], list[int]]) -> dict:
     from records.reproduce import check_record
 
     if not where.is_file():
@@ -396,6 +429,7 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
         samples = sample_files.get(key)
         if samples is None:
             continue
+        _check_labels(where, key, samples, track, record["metric_runs"][i]["seed"])
         if rescore and local_scoring:  # every seed's samples score as recorded, by the recorded networks
             from evaluations.evaluate import score_samples
             try:
@@ -413,12 +447,103 @@ def _validate(record_dir: Path, where: Path, tracks_dir: Path, rescore: bool) ->
     if samples is not None:  # the grid shows the first seed's samples, as the run drew it
         import generate
         from PIL import Image
-        with np.load(samples) as batch, Image.open(_local(record_dir, record, "grid")) as grid:
-            if not np.array_equal(np.asarray(grid), generate.protocol_grid(batch["arr_0"], track, track["evaluation"])):
+
+        from evaluations.npz import NpzArrayReader
+        with NpzArrayReader(samples) as batch:  # only the images the grid shows
+            first = batch.read(0, generate.GRID_SAMPLES)
+        with Image.open(_local(record_dir, record, "grid")) as grid:
+            if not np.array_equal(np.asarray(grid), generate.protocol_grid(first, track, track["evaluation"])):
                 raise RecordError(f"{where}: artefact grid is not the grid of the record's samples")
     if rescore and not local_scoring:
         unchecked.append("re-scoring (the track's feature networks are not available offline)")
+    if rescore and sample_files:
+        why = _spot_check(where, record, track, sample_files, model_file, spot_indices)
+        if why:
+            unchecked.append(why)
     return record | {"_unchecked": unchecked, "_content": content}
+
+
+def _check_labels(where: Path, key: str, path: Path, track: dict, seed: int) -> None:
+    """A sample batch's labels (arr_1) are the ones the protocol samples, in order."""
+    import generate
+
+    from evaluations.npz import BatchFileError, NpzArrayReader
+    protocol = track["evaluation"]
+    try:
+        with NpzArrayReader(path, "arr_1") as reader:
+            labels = reader.read(0, len(reader))
+    except BatchFileError as e:  # no labels, a damaged file: the message names the file
+        raise RecordError(f"{where}: artefact {key}: {e}") from None
+    wanted = generate.sample_labels(range(int(protocol["num_samples"])), track["dataset"]["num_classes"],
+                                    protocol.get("labels", "balanced"), seed).numpy()
+    if labels.shape != wanted.shape:
+        raise RecordError(f"{where}: artefact {key} ({path.name}) has {labels.shape} labels (arr_1), the protocol "
+                          f"samples {wanted.shape}")
+    if not np.array_equal(labels, wanted):
+        i = int(np.flatnonzero(labels != wanted)[0])
+        raise RecordError(f"{where}: artefact {key} ({path.name}) has label {labels[i]} at index {i}, the "
+                          f"protocol's {protocol.get('labels', 'balanced')} labels give {wanted[i]}")
+
+
+def _spot_check(where: Path, record: dict, track: dict, sample_files: dict[str, Path], model_file: Path | None,
+                spot_indices: Callable[[str, int], list[int]]) -> str | None:
+    """Regenerates the samples spot_indices picks in every seed's batch from the record's model,
+    on the CPU, with the code generate.generate_to_npz samples a batch with (the record's protocol:
+    sampler, steps, guidance, state dtype), and compares them with the stored ones (RecordError
+    naming the file and the index). Returns what stopped it from running here, or None."""
+    data = track["dataset"]
+    if data["encoder"] not in LOCAL_DECODERS:
+        return (f"the samples are not regenerated (decoding {data['encoder']} latents needs the autoencoder's "
+                "weights): `bash eval.sh <record>` is that check")
+    if model_file is None:
+        return "the samples are not regenerated (the model is remote, not downloaded)"
+    import torch
+
+    import generate
+    import train
+    from evaluations.npz import NpzArrayReader
+    from preprocessing.encoders import latent_decoder
+    try:
+        model, _ = train.load_model(model_file)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError: a format this train.py refuses
+        raise RecordError(f"{where}: artefact model cannot be loaded to regenerate samples: {e}") from None
+    decoder = latent_decoder(data["encoder"], model.autoencoder_sha256, device="cpu")
+    threads = torch.get_num_threads()
+    for key, run in zip(_sample_keys(record), record["metric_runs"]):
+        path = sample_files.get(key)
+        if path is None:
+            continue
+        protocol = dict(track["evaluation"], seed=run["seed"])  # as train.sample_evaluation_seeds
+        indices = sorted(set(spot_indices(record["artefacts"][key]["sha256"], int(protocol["num_samples"]))))
+        # a few samples gain nothing from threads, and on a busy machine every op waits for a
+        # descheduled partner thread: the committed record's check took 26 s with 2 threads, 0.6 s with 1
+        torch.set_num_threads(1)
+        try:
+            latents, _ = generate.sample_latents(model, indices, data["latent_shape"], data["num_classes"],
+                                                 protocol, "cpu")
+            images = decoder.decode(latents).numpy()
+        finally:
+            torch.set_num_threads(threads)
+        with NpzArrayReader(path) as reader:
+            for index, image in zip(indices, images):
+                stored = reader.read(index, index + 1)
+                differs = (_spot_check_differs(stored[0], image) if stored.shape == (1,) + image.shape
+                           else f"shape ({stored.shape[1:] if len(stored) else 'no such image'})")
+                if differs:
+                    raise RecordError(f"{where}: artefact {key} ({path.name}) is not its model's samples: image "
+                                      f"{index} differs from the one {model_file.name} samples (seed {run['seed']}) "
+                                      f"in {differs}")
+    return None
+
+
+def _spot_check_differs(stored: np.ndarray, again: np.ndarray) -> str:
+    """How a stored image differs from its regeneration beyond SPOT_CHECK_TOLERANCE ('' when not)."""
+    diff = np.abs(stored.astype(np.int16) - again.astype(np.int16))
+    off = int((diff > SPOT_CHECK_TOLERANCE["levels"]).sum())
+    if off <= SPOT_CHECK_TOLERANCE["fraction"] * diff.size:
+        return ""
+    return (f"{off} of {diff.size} pixel values by more than {SPOT_CHECK_TOLERANCE['levels']} levels (largest "
+            f"difference {int(diff.max())}; allowed: {SPOT_CHECK_TOLERANCE['fraction']:.0%} of them)")
 
 
 def _rescored_within(name: str, recorded: float, again: float, track: dict) -> bool:
@@ -513,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("records", nargs="*", help="record folders (default: every record under --root)")
     parser.add_argument("--root", default=str(ROOT / "records"))
-    parser.add_argument("--no-rescore", action="store_true", help="skip re-scoring the sample batches")
+    parser.add_argument("--no-rescore", action="store_true",
+                        help="skip re-scoring the sample batches and regenerating a few of their samples")
     parser.add_argument("--claim-record", action="store_true",
                         help="fail unless each given record significantly beats the best other record")
     args = parser.parse_args(argv)

@@ -149,7 +149,7 @@ def test_leaderboard_is_rendered_from_records_deterministically(tiny_record, sec
     row = {name: r for name, r in zip(order, rows)}
     assert "alice, bob" in row[first.name]
     # record text is inert: an escaped pipe stays in its cell, no link or HTML from a contributor
-    assert "better \\| run" in row[second.name] and "eve \\[x\\](http://example.com) &lt;b&gt;" in row[second.name]
+    assert "better \\| run" in row[second.name] and "eve \\[x\\](http&#58;//example.com) &lt;b&gt;" in row[second.name]
     import re
     cells = lambda r: len(re.findall(r"(?<!\\)\|", r))  # noqa: E731  (unescaped pipes)
     assert cells(row[second.name]) == cells(row[first.name]) == cells(text.splitlines()[[
@@ -593,13 +593,18 @@ def test_significance_rule(tiny_record, second_record, tmp_path, capsys):
     assert validate.significance(b, a, track) > 0.99
 
 
-def test_leaderboard_spread_published_list_and_plot_are_deterministic(tiny_record, tmp_path):
+def test_leaderboard_spread_published_list_and_plot_are_deterministic(tiny_record, tmp_path, monkeypatch):
+    from records import validate
     record_dir = _into_tree(tiny_record, tmp_path)
     spec = json.loads((tmp_path / "records" / "tracks" / "tiny.json").read_text())
     spec["published"] = [{"source": "a paper", "description": "their model", "metrics": {"fid": 3.49}}]
     (tmp_path / "records" / "tracks" / "tiny.json").write_text(json.dumps(spec))
     out = tmp_path / "LEADERBOARD.md"
+    calls, real_validate_tree = [], validate.validate_tree
+    monkeypatch.setattr(validate, "validate_tree", lambda *a, **k: calls.append(a) or real_validate_tree(*a, **k))
     leaderboard.render_leaderboard(tmp_path / "records", out)
+    assert len(calls) == 1  # the table and the plot are rendered from one validation
+    assert out.read_text() == leaderboard.render_markdown(tmp_path / "records")
     first_text, first_png = out.read_text(), (tmp_path / "records" / "tiny" / "leaderboard.png").read_bytes()
     leaderboard.render_leaderboard(tmp_path / "records", out)
     assert out.read_text() == first_text
@@ -726,3 +731,145 @@ def test_device_train_seconds_must_fit_the_logged_process_counts(tiny_record, tm
     _edit(record_dir, lambda d: d["wall_clock"].update(device_train_seconds=2 * clock["train_seconds"] + 1))
     code, out = _validate(record_dir, capsys)
     assert code == 1 and "not train_seconds x the run's processes ([1] in its legs)" in out
+
+
+# ---- the spot check: the samples are the model's -----------------------------------------------
+def _forge_samples(record_dir: Path, forge) -> None:
+    """Replaces every seed's images (arr_0) by forge(k, images, labels), k the seed's position, and
+    re-syncs all that follows from them, as a forger would: the grid, the metrics re-scored
+    (record.json, metrics.json) and every sha256."""
+    import numpy as np
+    from PIL import Image
+
+    import generate
+    from evaluations.evaluate import score_samples
+    from preprocessing.shards import sha256_file
+    from records import validate
+    from records.record import artefact_file_name
+    track = json.loads((record_dir.parent.parent / "tracks" / "tiny.json").read_text())
+    keys = validate._sample_keys(json.loads((record_dir / "record.json").read_text()))
+    for k, key in enumerate(keys):
+        with np.load(record_dir / artefact_file_name(key)) as f:
+            images, labels = f["arr_0"], f["arr_1"]
+        np.savez(record_dir / artefact_file_name(key), arr_0=forge(k, images.copy(), labels), arr_1=labels)
+    with np.load(record_dir / "samples.npz") as f:
+        Image.fromarray(generate.protocol_grid(f["arr_0"], track, track["evaluation"])).save(record_dir / "grid.png")
+    _edit(record_dir, lambda d: [d["artefacts"][key].update(sha256=sha256_file(record_dir / artefact_file_name(key)))
+                                 for key in keys + ["grid"]])
+    scores = {key: score_samples(record_dir / artefact_file_name(key), track)[0] for key in keys}
+    _set_runs(record_dir, lambda runs: [run.update(metrics=scores[key]) for run, key in zip(runs, keys)])
+
+
+def test_spot_check_indices_are_fixed_by_the_file_and_fresh_at_each_validation():
+    from records.validate import SPOT_CHECK, spot_check_indices
+    n = 10 ** 12  # no two draws alike by chance
+    picks = [set(spot_check_indices("ab" * 32, n)) for _ in range(3)]
+    fixed = set.intersection(*picks)
+    assert len(fixed) == SPOT_CHECK["fixed"] and all(len(p) == sum(SPOT_CHECK.values()) for p in picks)
+    assert len(set.union(*picks)) == SPOT_CHECK["fixed"] + 3 * SPOT_CHECK["fresh"]  # fresh ones every time
+    assert not fixed & set.intersection(*[set(spot_check_indices("cd" * 32, n)) for _ in range(2)])
+    assert spot_check_indices("ab" * 32, 1) == [0]
+
+
+def test_samples_that_are_not_the_model_s_are_refused_whatever_else_agrees(tiny_record, digits_dir, tmp_path,
+                                                                           capsys):
+    """The auditor's forgery: every batch replaced by training images of the same labels (one
+    pixel changed per seed, so the seeds share no image), re-scored, grid and checksums re-made:
+    only regenerating samples from the model can tell."""
+    import numpy as np
+    record_dir = _into_tree(tiny_record, tmp_path)
+    train_images = np.concatenate([np.load(p) for p in sorted((digits_dir / "train").glob("images-*.npy"))])
+    train_labels = np.concatenate([np.load(p) for p in sorted((digits_dir / "train").glob("labels-*.npy"))])
+
+    def training_images(k, images, labels):
+        picked = np.stack([train_images[train_labels == c][i // 10] for i, c in enumerate(labels)])
+        picked[:, 0, 0, 0] ^= k
+        return picked
+    _forge_samples(record_dir, training_images)
+    code, out = _validate(record_dir, capsys, "--no-rescore")
+    assert code == 0, out  # consistent everywhere else
+    code, out = _validate(record_dir, capsys)
+    assert code == 1 and "artefact samples (samples.npz) is not its model's samples: image " in out, out
+    assert "differs from the one model.safetensors samples (seed 0) in " in out
+    text = leaderboard.render_markdown(tmp_path / "records")
+    assert f"`tiny/{record_dir.name}`" in text.split("## Not ranked")[1]
+
+
+def test_one_forged_image_is_caught_when_its_index_is_checked(tiny_record, tmp_path):
+    from records import validate
+    record_dir = _into_tree(tiny_record, tmp_path)
+    tracks = tmp_path / "records" / "tracks"
+    validate.validate_record(record_dir, tracks, spot_indices=lambda sha, n: list(range(n)))  # every image
+
+    def invert_image_7(k, images, labels):
+        if k == 1:
+            images[7] = 255 - images[7]
+        return images
+    _forge_samples(record_dir, invert_image_7)
+    with pytest.raises(RecordError, match=r"artefact samples_seed1 \(samples_seed1.npz\) is not its model's "
+                                          r"samples: image 7 differs .* \(seed 1\) in \d+ of 64 pixel values"):
+        validate.validate_record(record_dir, tracks, spot_indices=lambda sha, n: [7])
+    validate.validate_record(record_dir, tracks, spot_indices=lambda sha, n: [6, 8])  # the others are the model's
+
+
+def test_labels_must_be_the_protocol_s(tiny_record, tmp_path, capsys):
+    import numpy as np
+    from preprocessing.shards import sha256_file
+    record_dir = _into_tree(tiny_record, tmp_path)
+    with np.load(record_dir / "samples_seed2.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    np.savez(record_dir / "samples_seed2.npz", arr_0=images, arr_1=np.roll(labels, 1))
+    _edit(record_dir,
+          lambda d: d["artefacts"]["samples_seed2"].update(sha256=sha256_file(record_dir / "samples_seed2.npz")))
+    code, out = _validate(record_dir, capsys, "--no-rescore")  # no network needed: checked always
+    assert code == 1 and ("artefact samples_seed2 (samples_seed2.npz) has label 9 at index 0, the protocol's "
+                          "balanced labels give 0") in out, out
+
+
+def test_tracks_whose_samples_are_not_regenerated_say_so(tiny_record, tmp_path, capsys, monkeypatch):
+    from records import validate
+    record_dir = _into_tree(tiny_record, tmp_path)
+    monkeypatch.setattr(validate, "LOCAL_DECODERS", set())  # as an INVAE track is judged
+    code, out = _validate(record_dir, capsys)
+    assert code == 0 and "not checked here: the samples are not regenerated (decoding identity latents" in out
+    assert "`bash eval.sh <record>` is that check" in out
+
+
+def test_the_committed_digits_record_s_samples_are_its_model_s():
+    from records import validate
+    from records.record import artefact_path
+    root = Path(reproduce.__file__).resolve().parent
+    record_dir = [r for r in find_records(root) if r.parent.name == "digits"][0]
+    record = load_record(record_dir)
+    track = json.loads((root / "tracks" / "digits.json").read_text())
+    files = {key: artefact_path(record_dir, record, key) for key in validate._sample_keys(record)}
+    assert validate._spot_check(record_dir / "record.json", record, track, files, record_dir / "model.safetensors",
+                                lambda sha, n: validate.spot_check_indices(sha, n) + [0, n - 1]) is None
+
+
+def test_regenerated_batches_are_compared_chunk_by_chunk(tmp_path):
+    import numpy as np
+    a = np.random.default_rng(0).integers(0, 50, (10, 4, 4, 3), dtype=np.uint8)
+    b = a.copy()
+    b[1, 0, 0, 0] += 1  # three images in three chunks of 3, the largest difference in a middle one
+    b[5, 2, 1, 2] += 200
+    b[9] += 7
+    np.savez(tmp_path / "a.npz", arr_0=a)
+    np.savez_compressed(tmp_path / "b.npz", arr_0=b)  # a compressed member is streamed
+    expected = "3 of 10 images differ (largest pixel difference 200)"
+    whole = (int(np.any(a != b, axis=(1, 2, 3)).sum()), int(np.abs(a.astype(np.int16) - b).max()))
+    assert whole == (3, 200)  # what comparing the whole batches gave
+    for chunk in (1, 3, 4, 100):
+        assert reproduce.compare_batches(tmp_path / "a.npz", tmp_path / "b.npz", chunk=chunk) == expected
+    assert reproduce.compare_batches(tmp_path / "a.npz", tmp_path / "a.npz", chunk=3) == "identical"
+    np.savez(tmp_path / "c.npz", arr_0=a[:9])
+    assert reproduce.compare_batches(tmp_path / "a.npz", tmp_path / "c.npz") == "shape (10, 4, 4, 3) vs (9, 4, 4, 3)"
+
+
+def test_bare_urls_and_addresses_in_record_text_are_not_links():
+    cell = leaderboard._cell("see https://evil.example/x, HTTP://E.example, www.evil.example and bob@evil.example")
+    assert cell == ("see https&#58;//evil.example/x, HTTP&#58;//E.example, www&#46;evil.example and "
+                    "bob@&#8203;evil.example")
+    import html
+    assert html.unescape(cell).replace("\u200b", "") == (  # it reads as the text the record gave
+        "see https://evil.example/x, HTTP://E.example, www.evil.example and bob@evil.example")
