@@ -318,6 +318,12 @@ def convert(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
 
     listing = list_source(source, layout="classes", archive_root=archive_root)
+    if len(listing.class_names) < 2:  # caught before hours of conversion, not by train.py afterwards
+        raise ConvertError(
+            f"{source}: {len(listing.class_names)} class folder(s) found {listing.class_names}: a "
+            "class-conditional dataset has one folder per class; when they sit deeper in the archive "
+            "(Kaggle's ILSVRC/Data/CLS-LOC/train/<synset>/...), pass --archive-root with that path"
+        )
     log(
         f"convert: {listing.kind} {Path(source).name}: {len(listing.class_names)} classes, "
         f"{len(listing.entries)} candidate files, {len(listing.skipped)} skipped while listing"

@@ -182,6 +182,27 @@ def test_tar_zip_and_nested_tar_give_the_same_dataset(zoo, converted, tmp_path):
         convert(gz, tmp_path / "gz", resolution=RES, workers=0, progress=False, log=lambda *a: None)
 
 
+def test_an_archive_whose_classes_sit_deeper_is_refused_before_converting(tmp_path):
+    """Kaggle's ImageNet zip (ILSVRC/Data/CLS-LOC/train/<synset>/..., beside annotations) read
+    without --archive-root lists one class, 'ILSVRC': refused at once, naming the flag; with it,
+    the synsets are the classes."""
+    kaggle = tmp_path / "kaggle.zip"
+    with zipfile.ZipFile(kaggle, "w") as zf:
+        zf.writestr("LOC_synset_mapping.txt", "n01 a\nn02 b\n")
+        zf.writestr("ILSVRC/Annotations/CLS-LOC/val/v1.xml", "<annotation/>")
+        for cls in ("n01", "n02"):
+            png = tmp_path / f"{cls}.png"
+            Image.fromarray(np.full((20, 20, 3), 50, np.uint8)).save(png)
+            zf.write(png, f"ILSVRC/Data/CLS-LOC/train/{cls}/{cls}_1.png")
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match=r"1 class folder\(s\) found \['ILSVRC'\].*--archive-root"):
+        convert(kaggle, out, resolution=8, workers=0, progress=False, log=lambda *a: None)
+    assert not out.exists()
+    convert(kaggle, out, resolution=8, workers=0, archive_root="ILSVRC/Data/CLS-LOC/train", progress=False,
+            log=lambda *a: None)
+    assert ShardDataset(out, "train").class_names == ["n01", "n02"]
+
+
 def test_an_empty_class_folder_keeps_its_class_id_in_every_source_kind(tmp_path):
     """n02 holds no image (only a hidden file): it is still class 1, n03's images are class 2, and
     the report lists n02 as empty, whether the source is a folder, a tar, a zip or a nested tar."""
