@@ -32,6 +32,7 @@ import atexit
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,15 @@ def load_reference_batch(path, resolution: int, expected_sha256: Optional[str] =
     return ReferenceBatch(path, sha, images, stats)
 
 
+def evaluation_code_sha256() -> str:
+    """A digest of evaluations/*.py, the code that turns images into features: a cache shared by
+    several checkouts ($SPEEDRUN_EVAL_CACHE) is not reused by code that may compute other features."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -310,10 +320,12 @@ def reference_features(reference: ReferenceBatch, consumers: Sequence[Consumer],
     """Reference features, from the cache when the same file was seen with the same networks.
 
     Returns ``(features, from_cache)``.  The cache key is the reference file's sha256 plus every
-    consumer's identity (network, weights sha256, backend, kept/accumulated features).
+    consumer's identity (network, weights sha256, backend, kept/accumulated features) and the
+    evaluation code's digest.
     """
     dist = dist or Distributed()
-    identity = {"format": CACHE_FORMAT, "reference_sha256": reference.sha256, "count": len(reference.images),
+    identity = {"format": CACHE_FORMAT, "code_sha256": evaluation_code_sha256(),
+                "reference_sha256": reference.sha256, "count": len(reference.images),
                 "consumers": [{"key": c.key, "keep": list(c.keep), "stats": list(c.stats),
                                "extractor": getattr(c.extractor, "identity", {"name": c.extractor.name})}
                               for c in consumers]}
@@ -330,7 +342,10 @@ def reference_features(reference: ReferenceBatch, consumers: Sequence[Consumer],
         return loaded, True
     out = extract_features(reference.images, consumers, batch_size, dist, progress, desc="reference")
     if cacheable and dist.is_main:
-        _save_cache(cache, key, identity, out)
+        try:
+            _save_cache(cache, key, identity, out)
+        except OSError as e:  # the cache only saves time: a full disk or a read-only checkout keeps the scores
+            print(f"[evaluate] reference features not cached ({e}); scoring goes on", file=sys.stderr, flush=True)
     return out, False
 
 

@@ -261,7 +261,7 @@ def test_two_real_gloo_processes_match_one_process(tmp_path):
             np.testing.assert_array_equal(r["logits"], feats["logits"].astype(np.float32))
 
 
-def test_reference_features_are_cached_by_content_and_network(tmp_path):
+def test_reference_features_are_cached_by_content_and_network(tmp_path, monkeypatch):
     np.savez(tmp_path / "ref.npz", arr_0=_images(9))
     ref = IN.load_reference_batch(tmp_path / "ref.npz", 16)
     cache = tmp_path / "cache"
@@ -281,6 +281,12 @@ def test_reference_features_are_cached_by_content_and_network(tmp_path):
     _, hit4 = IN.reference_features(IN.load_reference_batch(tmp_path / "ref.npz", 16), consumers, 4, cache,
                                     progress=False)
     assert not hit4
+    # features cached by other evaluation code (another checkout sharing the cache) are not reused
+    current = IN.load_reference_batch(tmp_path / "ref.npz", 16)
+    assert IN.reference_features(current, consumers, 4, cache, progress=False)[1]
+    monkeypatch.setattr(IN, "evaluation_code_sha256", lambda: "0" * 64)
+    assert not IN.reference_features(current, consumers, 4, cache, progress=False)[1]
+    monkeypatch.undo()
     # a damaged cache file is recomputed, not trusted: not a zip, cut short, one byte changed
     current = IN.load_reference_batch(tmp_path / "ref.npz", 16)
     fresh, _ = IN.reference_features(current, consumers, 4, cache, progress=False)
@@ -291,6 +297,19 @@ def test_reference_features_are_cached_by_content_and_network(tmp_path):
         again, hit5 = IN.reference_features(current, consumers, 4, cache, progress=False)
         assert not hit5
         np.testing.assert_array_equal(again.arrays["inception"]["pool"], fresh.arrays["inception"]["pool"])
+
+
+def test_a_cache_that_cannot_be_written_costs_only_time(tmp_path, capsys):
+    """The cache only saves time: where it cannot be written (here under a file; a full disk, a
+    read-only checkout) the reference features are still returned, and the reason printed."""
+    np.savez(tmp_path / "ref.npz", arr_0=_images(9))
+    ref = IN.load_reference_batch(tmp_path / "ref.npz", 16)
+    consumers = [IN.Consumer("inception", ProjectionExtractor(768), keep=("pool",), stats=("pool",))]
+    (tmp_path / "a_file").write_text("not a folder")
+    got, hit = IN.reference_features(ref, consumers, 4, tmp_path / "a_file" / "cache", progress=False)
+    want, _ = IN.reference_features(ref, consumers, 4, tmp_path / "cache", progress=False)
+    assert not hit and "reference features not cached" in capsys.readouterr().err
+    np.testing.assert_array_equal(got.arrays["inception"]["pool"], want.arrays["inception"]["pool"])
 
 
 def test_every_rank_takes_the_cache_or_none_does(tmp_path, monkeypatch):
