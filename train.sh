@@ -28,6 +28,10 @@ fi
 if (( GPUS == 0 )); then
   export ACCELERATE_USE_CPU=1  # real gloo processes on CPU (accelerate's --cpu would start only one)
 fi
+# after a SIGTERM the ranks finish their step and rank 0 writes a checkpoint (2.2 GB for SiT-B/1
+# with its EMA and Adam moments, often to a network filesystem); torchrun's agent SIGKILLs workers
+# 30 s after forwarding the signal unless told otherwise
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 # --num_processes counts the processes of all nodes
 exec "$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$((NPROC * NNODES))" "${NODES[@]}" \
   --mixed_precision no --dynamo_backend no train.py "$@"

@@ -670,6 +670,22 @@ def test_the_collective_timeout_is_the_runs(tmp_path, minutes, ends):
         train.process_state(train.parse_config(["--dist_timeout_minutes", "0"]))
 
 
+def test_several_processes_get_time_to_checkpoint_after_a_sigterm(tmp_path):
+    """torchrun SIGKILLs its workers 30 s after forwarding a SIGTERM: too short for rank 0 to write
+    an ImageNet checkpoint, so train.sh gives them 600 s unless the caller chose otherwise."""
+    fake = tmp_path / "python"  # stands in for the Python: counts no GPU, echoes the launch
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo 0; exit 0; fi\n'
+                    'echo "grace=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT $*"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    env |= {"SPEEDRUN_PYTHON": str(fake), "NPROC": "2"}
+    for given, grace in ((None, "600"), ("45", "45")):
+        extra = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": given} if given else {}
+        out = subprocess.run(["bash", "train.sh", "--seed", "3"], cwd=ROOT, env=env | extra, capture_output=True,
+                             text=True, check=True).stdout
+        assert out.startswith(f"grace={grace} -m accelerate.commands.launch") and out.strip().endswith("--seed 3")
+
+
 def test_multi_node_launch_needs_a_rank_and_an_address(tmp_path, tiny_track):
     env = dict(os.environ, SPEEDRUN_PYTHON=sys.executable, NNODES="2", NPROC="1")
     proc = subprocess.run(["bash", "train.sh", "--track", str(tiny_track)], cwd=ROOT, env=env,
