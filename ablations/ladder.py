@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--track", default="digits")
     parser.add_argument("--out", default=None, help="default: ablations/<track>")
-    # the defaults are the design of the committed results (2 training x 2 sampling seeds per rung):
-    # on them the plain command has nothing left to run and only re-renders
+    # the design: 2 training x 2 sampling seeds per rung (the committed digits results, re-run with
+    # the current network, have training seed 0 so far: the plain command adds seed 1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--eval_seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
     parser.add_argument("--runs_dir", default="runs/ablations")
