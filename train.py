@@ -656,12 +656,10 @@ class SiT(nn.Module):
         if opts.sprint:
             h = self.fusion(torch.cat([h, self._sparse(middle, h, c, rope, v1, routing)], dim=-1))
             h, _ = self._run(decoder, h, c, rope, v1)
+        h = self.final_layer.modulated(h, c)  # REG's head reads the class token's modulated norm too
+        out["v"] = self.unpatchify(self.final_layer.linear(h[:, self.num_prefix:]))
         if opts.reg_dim:
-            h = self.final_layer.modulated(h, c)
-            out["v"] = self.unpatchify(self.final_layer.linear(h[:, self.num_prefix:]))
             out["cls_v"] = self.cls_head(h[:, 0])
-        else:
-            out["v"] = self.unpatchify(self.final_layer(h, c))
         return out
 
     def _sparse(self, blocks, h, c, rope, v1, routing: Routing) -> torch.Tensor:
@@ -1380,12 +1378,9 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     # the split's sha256 are checked by one process per node (294 GB at 256 px: minutes of hashing,
     # eight times over if every rank of the node did it); the node's other ranks open it after that
-    split = track["dataset"]["train_split"]
-    if accelerator.is_local_main_process:
-        dataset = ShardDataset(cfg.data_dir, split)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_local_main_process:
-        dataset = ShardDataset(cfg.data_dir, split, verify=False)
+    with accelerator.local_main_process_first():
+        dataset = ShardDataset(cfg.data_dir, track["dataset"]["train_split"],
+                               verify=accelerator.is_local_main_process)
     check_dataset_fits_track(dataset, track)
     data_manifest = sha256_file(Path(cfg.data_dir) / "manifest.json")
     if prior:
