@@ -267,6 +267,9 @@ def attn_fwd(Q, K, V, O, LSE, COS, SIN, QW, KW,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr,
              DOT_PREC: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # inductor types Python float arguments as fp64 when it launches a kernel inside a compiled
+    # graph (Triton's own launcher: fp32); fp64 would leak into the loop-carried fp32 state
+    qk_scale, eps = tl.cast(qk_scale, tl.float32), tl.cast(eps, tl.float32)
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -444,6 +447,9 @@ def attn_bwd(Q, K, QX, KX, V, O, DO, LSE, DQ, DK, DV, DW, COS, SIN, QW, KW,
     """Q, K: P(q), P(k) (the raw q, k themselves without a prologue); QX, KX: the raw q, k.
     DW: [B * H, 2, DW_ROWS, D] fp32 partial sums of the norm weights' gradients (k at 0, q at
     1), one row per program, zeroed by the host (a config with fewer programs leaves rows 0)."""
+    # fp32 scalars whoever launches (see attn_fwd)
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
+    eps = tl.cast(eps, tl.float32)
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -544,6 +550,7 @@ def qk_prologue_fwd(Q, K, QO, KO, COS, SIN, QW, KW,
                     stride_ob, stride_oh, stride_on, stride_cb, stride_cn, H, N, eps,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QNORM: tl.constexpr,
                     HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # fp32 whoever launches (see attn_fwd)
     offs, ok, b, h, which = _prologue_program(H, N, BLOCK_N)
     COS, SIN = COS + b * stride_cb, SIN + b * stride_cb  # this sample's RoPE tables
     out_off = b * stride_ob + h * stride_oh
@@ -581,6 +588,7 @@ def qk_prologue_bwd(Q, K, DQO, DKO, DQ, DK, DQW, DKW, COS, SIN, QW, KW,
                     HAS_KNORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
     """dq, dk into [B, H, N, D] buffers; per-program partial sums of the norm weights' gradients
     into row (bh * num_programs(0) + pid_n) of DQW / DKW."""
+    eps = tl.cast(eps, tl.float32)  # fp32 whoever launches (see attn_fwd)
     offs, ok, b, h, which = _prologue_program(H, N, BLOCK_N)
     COS, SIN = COS + b * stride_cb, SIN + b * stride_cb
     d_off = b * stride_db + h * stride_dh

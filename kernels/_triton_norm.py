@@ -25,6 +25,8 @@ def modnorm_fwd(X, U, GATE, SHIFT, SCALE, W, H, Y, RSTD, N, C,
                 stride_hb, stride_hn, stride_yb, stride_yn, eps,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
                 HAS_RES: tl.constexpr):
+    # inductor types Python float arguments as fp64 inside a compiled graph (Triton: fp32)
+    eps = tl.cast(eps, tl.float32)
     pid = tl.program_id(0)
     b = tl.cast(tl.program_id(1), tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -32,7 +32,10 @@ POINTERS_FP32 = ("LSE", "COS", "SIN", "QW", "KW", "DW", "DKW", "DQW", "RSTD", "P
 FLOATS = ("qk_scale", "eps", "sm_scale")
 
 
-def _signature(fn, data_ptr: str, consts: dict, overrides: dict | None = None) -> dict:
+def _signature(fn, data_ptr: str, consts: dict, overrides: dict | None = None,
+               floats: str = "fp32") -> dict:
+    """Triton's own launcher types a Python float argument as fp32; inductor, launching a
+    user-defined kernel inside a compiled graph, types the same argument as fp64."""
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -44,7 +47,7 @@ def _signature(fn, data_ptr: str, consts: dict, overrides: dict | None = None) -
         elif name in POINTERS_FP32:
             sig[name] = "*fp32"
         elif name in FLOATS:
-            sig[name] = "fp32"
+            sig[name] = floats
         else:
             sig[name] = "i32"
     return sig
@@ -71,6 +74,13 @@ def _compile(fn, sig, consts, arch: int, num_warps: int, num_stages: int):
                     attrs=_aligned(fn, sig))
     return triton_compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _fp64_arithmetic(ttir: str) -> list[str]:
+    """TTIR lines that compute in fp64: anything naming f64 but the signature and the one
+    truncation of each float argument to fp32 at the kernel's entry."""
+    return [line.strip() for line in ttir.splitlines() if "f64" in line
+            and "tt.func" not in line and not re.search(r"arith\.truncf %\w+ : f64 to f32", line)]
 
 
 def _ptxas_info(kernel, arch: int) -> str:
@@ -144,6 +154,9 @@ def main(argv=None) -> int:
                         "configs: every autotuner config of the attention kernels")
     p.add_argument("--registers", action="store_true",
                    help="also report registers per thread and spilled bytes (ptxas -v)")
+    p.add_argument("--floats", choices=["fp32", "fp64", "both"], default="both",
+                   help="how float scalars are typed: fp32 as Triton's launcher does, fp64 as "
+                        "inductor does for a kernel launched inside a compiled graph")
     args = p.parse_args(argv)
     from . import _loader
 
@@ -151,7 +164,9 @@ def main(argv=None) -> int:
             "norm": _loader.load("norm", interpret=False)}
     failures = 0
     todo = config_cases(mods["attention"]) if args.level == "configs" else cases(args.level)
-    for label, name, dt, consts, (warps, stages) in todo:
+    floats = ["fp32", "fp64"] if args.floats == "both" else [args.floats]
+    for (label, name, dt, consts, (warps, stages)), float_type in itertools.product(todo, floats):
+        label = label if float_type == "fp32" else f"{label} floats=fp64"
         mod = mods["norm" if name.startswith("modnorm") else "attention"]
         fn = getattr(mod, name)
         overrides = None
@@ -160,8 +175,11 @@ def main(argv=None) -> int:
                                                "DY", "DH", "DX", "DU")}
         t0 = time.perf_counter()
         try:
-            k = _compile(fn, _signature(fn, f"*{dt}", consts, overrides), consts, args.arch,
-                         warps, stages)
+            k = _compile(fn, _signature(fn, f"*{dt}", consts, overrides, float_type), consts,
+                         args.arch, warps, stages)
+            fp64 = _fp64_arithmetic(k.asm["ttir"])
+            if fp64:
+                raise TypeError(f"computes in fp64: {fp64[0][:200]}")
             regs = f"  {_ptxas_info(k, args.arch)}" if args.registers else ""
             print(f"ok    {name:15s} {label:48s} smem {k.metadata.shared:6d} B{regs}  "
                   f"{time.perf_counter() - t0:5.1f} s", flush=True)

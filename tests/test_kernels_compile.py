@@ -9,7 +9,10 @@ from kernels import compile_check
 
 
 def test_kernels_compile_for_sm90(capsys):
-    """Every smoke-level kernel builds for sm_90; ptxas reports its registers and spills."""
+    """Every smoke-level kernel builds for sm_90; ptxas reports its registers and spills. Each
+    builds twice: with its float scalars typed fp32 (Triton's launcher) and fp64 (inductor's, in
+    a compiled graph: an H100 once failed there on a loop-carried fp32 turned fp64), and neither
+    build may compute in fp64."""
     status = compile_check.main(["--arch", "90", "--level", "smoke", "--registers"])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -17,6 +20,8 @@ def test_kernels_compile_for_sm90(capsys):
     names = {line.split()[1] for line in compiled}
     assert {"attn_fwd", "attn_bwd", "qk_prologue_fwd", "qk_prologue_bwd", "modnorm_fwd",
             "modnorm_bwd"} <= names, out
+    inductor_typed = [line for line in compiled if "floats=fp64" in line]
+    assert len(inductor_typed) * 2 == len(compiled), out
     for line in compiled:
         regs = re.search(r"regs (\d+) spill (\d+) B", line)
         assert regs and 16 <= int(regs.group(1)) <= 255, line
@@ -66,3 +71,14 @@ def test_inductor_can_rebuild_every_kernel_from_its_copied_source(tmp_path):
             assert isinstance(getattr(copy, kernel.__name__), triton.JITFunction), attr
             checked.append(attr)
     assert {"attn_fwd", "attn_bwd", "qk_prologue_fwd", "modnorm_fwd", "modnorm_bwd"} <= set(checked)
+
+
+def test_fp64_arithmetic_is_found_beside_the_entry_truncations():
+    ttir = "\n".join([
+        "tt.func public @k(%eps: f64 loc(\"eps\"))",
+        "%eps_1 = arith.truncf %eps : f64 to f32 loc(#loc3)",
+        "%r = arith.addf %a, %eps_1 : tensor<64xf32> loc(#loc4)",
+        "%r2 = arith.extf %ms : tensor<64xf32> to tensor<64xf64> loc(#loc5)",
+    ])
+    assert compile_check._fp64_arithmetic(ttir) == [
+        "%r2 = arith.extf %ms : tensor<64xf32> to tensor<64xf64> loc(#loc5)"]
