@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,8 +118,9 @@ class Config:
                                      "where PyTorch has deterministic kernels; false lets it pick faster ones")
     kernels: str = flag("auto", "triton (kernels/: one fused QK-norm + RoPE pass before SDPA, and with --norm "
                                 "rmsnorm, without --compile, the fused modulated norm and gated residual) | torch "
-                                "(SDPA and plain ops) | auto (torch: the faster step as measured on an H200, eager "
-                                "and compiled, benchmarks/RESULTS_GPU.md)")
+                                "(SDPA and plain ops) | auto (the faster step as measured on an H100, benchmarks/"
+                                "RESULTS_GPU.md: triton with --compile on a GPU for a model with RoPE or QK-norm, "
+                                "else torch)")
     # ---- bookkeeping
     run_name: str = flag("", "run folder name; empty: <date>_<model>_s<seed>")
     runs_dir: str = flag("runs", "where run folders go")
@@ -431,45 +433,58 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c)), v
 
 
+def kernels_problem(model: nn.Module, device: torch.device, attends: bool,
+                    autocast_dtype: torch.dtype | None) -> str | None:
+    """Why the Triton kernels cannot run this model on this device, or None."""
+    import kernels
+    shapes = {(m.heads * m.head_dim, m.head_dim if attends else None)
+              for m in model.modules() if isinstance(m, Attention)}
+    problem = next((p for p in (kernels.unsupported_model_shape(*s) for s in shapes) if p), None)
+    if problem:
+        return f"the kernels cannot run this model: {problem} (use torch)"
+    if device.type == "cpu" and autocast_dtype == torch.bfloat16:
+        return ("on CPU the kernels run in the Triton interpreter, which has no bf16: use "
+                "--mixed_precision no, or --kernels torch")
+    ok, why = kernels.selfcheck(device)
+    return None if ok else f"the kernels' self-check failed on {device}: {why}"
+
+
 def set_kernels(model: nn.Module, choice: str, device: torch.device, flash_attention: bool = False,
                 compiled: bool = False, autocast_dtype: torch.dtype | None = None) -> str:
     """Resolves --kernels and sets it on every attention layer and block; returns the backend
-    used. auto: torch, the faster path as measured (benchmarks/RESULTS_GPU.md, H200): the step was
-    host-bound and the kernels, called through torch.library operators, cost more host time than
-    they saved on the GPU: under torch.compile 33-37 vs 76-86 ms per SR-DiT step (inductor fuses
-    the same ops itself), eager 70 vs 73 and 52 vs 67 ms in two calls (wall times that swing by
-    ~20 ms between calls). Eager calls now skip the operators and compiled graphs launch the
-    kernels from inductor's code (kernels/_ops.py); auto stays torch until that is measured.
-    triton: the kernels; refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's
-    head_dim 72 with RoPE or QK-norm), when kernels.selfcheck fails on the device (a broken kernel
-    build, or no Triton, must not train) and on CPU under bf16 autocast (the interpreter has no
-    bf16). Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's fused backends, or
-    with flash_attention=True the Triton flash kernel, and with RMSNorm the blocks' modulated
-    norms are the fused kernels. The same when compiled (the kernels trace into the graph),
-    except the modulated norms, which inductor fuses faster itself. A model with nothing the
-    kernels fuse (no RoPE, QK-norm or flash kernel; no RMSNorm, or compiled) runs the torch path,
-    and 'torch' is what is returned (and logged)."""
+    used. triton: the kernels. Attention is then the QK-norm/RoPE kernel feeding PyTorch SDPA's
+    fused backends, or with flash_attention=True the Triton flash kernel, and with RMSNorm the
+    blocks' modulated norms are the fused kernels; the same when compiled (inductor launches the
+    kernels from its own code), except the modulated norms, which inductor fuses faster itself.
+    Refused (ConfigError) for a model whose shapes no kernel serves (SiT-XL's head_dim 72 with
+    RoPE or QK-norm), when kernels.selfcheck fails on the device (a broken kernel build, or no
+    Triton, must not train) and on CPU under bf16 autocast (the interpreter has no bf16). A model
+    with nothing the kernels fuse (no RoPE, QK-norm or flash kernel; no RMSNorm, or compiled)
+    runs the torch path, and 'torch' is what is returned (and logged).
+    auto: the kernels where they were measured faster, else torch. On an H100 (eleventh session,
+    benchmarks/RESULTS_GPU.md) the compiled SR-DiT step took 58.3 ms with the kernels against
+    68.6 ms without, and 27.5 against 31.5 ms replayed as CUDA graphs; eager, every kernel call
+    is host-bound and the torch path was faster (70 vs 73 and 52 vs 67 ms on an H200). So auto
+    is triton when compiled on a GPU for a model with RoPE or QK-norm whose shapes the kernels
+    serve and whose self-check passes (else torch, with a warning naming why)."""
     if choice not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels must be auto, triton or torch, not {choice!r}")
-    backend = "torch" if choice == "auto" else choice
     opts = getattr(model, "opts", ModelOptions())
     # attention reaches a kernel only with RoPE or QK-norm to fuse, or the flash kernel
     attends = flash_attention or opts.rope or opts.qk_norm
+    if choice == "auto":
+        backend = "triton" if compiled and device.type == "cuda" and attends else "torch"
+    else:
+        backend = choice
     if backend == "triton" and not attends and (opts.norm != "rmsnorm" or compiled):
         backend = "torch"  # nothing to fuse: what runs is what is reported
     if backend == "triton":
-        import kernels
-        shapes = {(m.heads * m.head_dim, m.head_dim if attends else None)
-                  for m in model.modules() if isinstance(m, Attention)}
-        problem = next((p for p in (kernels.unsupported_model_shape(*s) for s in shapes) if p), None)
-        if problem:
-            raise ConfigError(f"--kernels triton cannot run this model: {problem} (use torch)")
-        if device.type == "cpu" and autocast_dtype == torch.bfloat16:
-            raise ConfigError("--kernels triton on CPU runs the Triton interpreter, which has no bf16: use "
-                              "--mixed_precision no, or --kernels torch")
-        ok, why = kernels.selfcheck(device)
-        if not ok:
-            raise ConfigError(f"--kernels triton: the kernels' self-check failed on {device}: {why}")
+        problem = kernels_problem(model, device, attends, autocast_dtype)
+        if problem and choice == "auto":
+            warnings.warn(f"--kernels auto: the torch path, since {problem}", RuntimeWarning)
+            backend = "torch"
+        elif problem:
+            raise ConfigError(f"--kernels triton: {problem}")
     for module in model.modules():
         if isinstance(module, (Attention, SiTBlock)):
             module.backend = backend

@@ -216,7 +216,7 @@ def test_generate_cli_names_the_track_and_settings_it_cannot_use(tmp_path, capsy
     import kernels  # kernels the model cannot use: an error message, not a traceback
     monkeypatch.setattr(kernels, "unsupported_model_shape", lambda *a: "head_dim 72 not in (32, 64, 128)")
     assert generate.main(args + ["--track", str(tmp_path / "my_track.json"), "--kernels", "triton"]) == 1
-    assert "--kernels triton cannot run this model: head_dim 72" in capsys.readouterr().err
+    assert "--kernels triton: the kernels cannot run this model: head_dim 72" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
 
 

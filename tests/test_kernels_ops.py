@@ -463,6 +463,37 @@ def test_trainer_chooses_kernels_the_model_can_use(monkeypatch):
         train.set_kernels(OneLayer(norm="rmsnorm"), "triton", torch.device("cpu"))
 
 
+def test_auto_chooses_the_kernels_only_where_they_were_measured_faster(monkeypatch):
+    """--kernels auto: the kernels for a compiled step on a GPU with RoPE or QK-norm to fuse;
+    torch eager, on CPU, with nothing to fuse in attention, or (with a warning saying why) where
+    the kernels cannot serve the model or fail their self-check."""
+    class OneLayer(torch.nn.Module):
+        def __init__(self, heads=2, **opts):
+            super().__init__()
+            self.opts = train.ModelOptions(**opts)
+            self.attn = train.Attention(128, heads, self.opts, mixes_values=False)
+
+    checked = []
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: checked.append(device) or (True, "ok"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.set_kernels(OneLayer(rope=True), "auto", cuda, compiled=True) == "triton"
+    assert train.set_kernels(OneLayer(qk_norm=True), "auto", cuda, compiled=True) == "triton"
+    assert checked == [cuda, cuda]
+    assert train.set_kernels(OneLayer(rope=True), "auto", cuda, compiled=False) == "torch"
+    assert train.set_kernels(OneLayer(rope=True), "auto", cpu, compiled=True) == "torch"
+    assert train.set_kernels(OneLayer(norm="rmsnorm"), "auto", cuda, compiled=True) == "torch"
+    assert len(checked) == 2  # the torch path never builds the kernels
+    with pytest.warns(RuntimeWarning, match="torch path, since the kernels cannot run this model: head_dim 72"):
+        model = OneLayer(heads=2, rope=True)
+        model.attn = train.Attention(144, 2, model.opts, mixes_values=False)
+        assert train.set_kernels(model, "auto", cuda, compiled=True) == "torch"
+    monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "ptxas failed"))
+    with pytest.warns(RuntimeWarning, match="self-check failed on cuda: ptxas failed"):
+        model = OneLayer(rope=True)
+        assert train.set_kernels(model, "auto", cuda, compiled=True) == "torch"
+    assert model.attn.backend == "torch"
+
+
 def test_selfcheck_catches_swapped_norm_weight_gradients(monkeypatch):
     kernels._selfcheck.cache_clear()
     real = flash._launch_bwd
