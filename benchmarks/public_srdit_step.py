@@ -66,6 +66,7 @@ import copy
 import math
 import os
 import re
+import statistics
 import sys
 import time
 import types
@@ -336,13 +337,16 @@ def main():
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    times = []  # each step synchronised, as bench_gpu_step.py times ours: a median for both
     for _ in range(cli.steps):
+        t0 = time.perf_counter()
         one_step()
-    sync()
-    dt = time.perf_counter() - t0
+        sync()
+        times.append(time.perf_counter() - t0)
+    dt = sum(times)
 
     ms = 1000.0 * dt / cli.steps
+    ms_median = 1000.0 * statistics.median(times)
     ips = B * cli.steps / dt
     if not cli.no_log:
         print("last logs: " + ", ".join(f"{k}: {v:.5f}" for k, v in step_ns["logs"].items()))
@@ -352,7 +356,8 @@ def main():
                  f"peak_mem_GiB={torch.cuda.max_memory_allocated() / 2**30:.2f}")
     print(f"torch={torch.__version__} device={device} batch={B} steps={cli.steps} "
           f"warmup={cli.warmup} dino={cli.dino} log={'off' if cli.no_log else 'on'}{extra}")
-    print(f"SRDIT_PUBLIC ms_per_step={ms:.2f} images_per_s={ips:.1f} params={n_params}")
+    print(f"SRDIT_PUBLIC ms_per_step={ms:.2f} ms_median={ms_median:.2f} ms_max={1000.0 * max(times):.2f} "
+          f"images_per_s={ips:.1f} params={n_params}")
 
 
 if __name__ == "__main__":

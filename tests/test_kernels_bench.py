@@ -66,7 +66,7 @@ def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatc
     mod = load_benchmark("bench_gpu_step")
     out = tmp_path / "step.json"
     public = tmp_path / "public_step.py"  # stands in for benchmarks/public_srdit_step.py's output line
-    public.write_text("print('SRDIT_PUBLIC ms_per_step=250.0 steps=2')\n")
+    public.write_text("print('SRDIT_PUBLIC ms_per_step=300.0 ms_median=250.0 steps=2')\n")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # main() sets it for --device cpu; restored after
     counted = []
 
@@ -84,7 +84,7 @@ def test_training_step_benchmark_runs_train_py_step(tmp_path, capsys, monkeypatc
     results = json.loads(out.read_text())
     rows = results["rows"]
     assert [r["variant"] for r in rows] == ["train.py torch", "train.py torch+nondeterministic",
-                                            "public SR-DiT code (mean of steps)"]
+                                            "public SR-DiT code"]
     assert all("error" not in r for r in rows), rows
     assert counted == ["torch", "torch+nondeterministic"]  # counted again on the next variant, then not
     assert rows[1]["loss_rel_diff"] < 1e-6 and rows[0]["ms"] > 0
