@@ -6,8 +6,9 @@
 # kernels_bench, host_overhead (what launching the kernels from Python costs), extraction,
 # step_compile (the torch.compile'd step, plain and replayed as CUDA graphs, in priority order),
 # encode; step and step_compile also time the public SR-DiT code when --public names its timing
-# script. Each part has its own time limit and writes its log to out_dir as it runs, so a part
-# that breaks or overruns costs only itself. The tables land in out_dir/*.log;
+# script (the code itself in .srdit/, made by benchmarks/fetch_public_srdit.sh: carry it). Each
+# part has its own time limit and writes its log to out_dir as it runs, so a part that breaks or
+# overruns costs only itself. The tables land in out_dir/*.log;
 # benchmarks/RESULTS_GPU.md holds the measured ones with the device named, and its "Owed" section
 # the order in which to spend a session's device time (each command at most 10 minutes).
 set -uo pipefail

@@ -3,8 +3,8 @@
 
 This driver is ours; the third-party code it runs is NOT part of the repository: it
 lives in a git-ignored folder, .srdit/ at the repository root by default
-($SRDIT_CODE_DIR elsewhere), exported verbatim with `git show` from (see its
-SOURCES.txt):
+($SRDIT_CODE_DIR elsewhere), exported verbatim with `git archive` by
+`bash benchmarks/fetch_public_srdit.sh` from (see its SOURCES.txt):
   srdit/      github.com/SwayStar123/SpeedrunDiT @ c24c2ff25699cce63174ca56c2afcfeeb225e367
               (branch main; its train.sh is the all-components SR-DiT run:
                REG + INVAE + SPRINT + RMSNorm + RoPE + QK-norm + value residual +
