@@ -431,16 +431,22 @@ def test_strided_norm_weights_and_malformed_rope_tables():
             kernels.attention(q, k, v, rope=one_angle, backend=backend)
 
 
+class OneAttentionLayer(torch.nn.Module):
+    """The smallest model set_kernels reads: its options and one attention layer (2 heads)."""
+
+    def __init__(self, width: int = 128, **opts):
+        super().__init__()
+        self.opts = train.ModelOptions(**opts)
+        self.attn = train.Attention(width, 2, self.opts, mixes_values=False)
+
+
 def test_trainer_chooses_kernels_the_model_can_use(monkeypatch):
     """SiT-XL's head_dim 72 has no attention kernel: --kernels triton says so up front; without
     RoPE/QK-norm the attention needs no kernel; a model with nothing to fuse runs and reports
     torch; a failed self-check (a GPU's build, or no Triton) and bf16 on the CPU interpreter
     refuse the run."""
-    class OneLayer(torch.nn.Module):
-        def __init__(self, **opts):
-            super().__init__()
-            self.opts = train.ModelOptions(**opts)
-            self.attn = train.Attention(144, 2, self.opts, mixes_values=False)  # head_dim 72
+    def OneLayer(**opts):
+        return OneAttentionLayer(width=144, **opts)  # head_dim 72
 
     def backends(model):
         return {m.backend for m in model.modules() if hasattr(m, "backend")}
@@ -467,12 +473,7 @@ def test_auto_chooses_the_kernels_only_where_they_were_measured_faster(monkeypat
     """--kernels auto: the kernels for a compiled step on a GPU with RoPE or QK-norm to fuse;
     torch eager, on CPU, with nothing to fuse in attention, or (with a warning saying why) where
     the kernels cannot serve the model or fail their self-check."""
-    class OneLayer(torch.nn.Module):
-        def __init__(self, heads=2, **opts):
-            super().__init__()
-            self.opts = train.ModelOptions(**opts)
-            self.attn = train.Attention(128, heads, self.opts, mixes_values=False)
-
+    OneLayer = OneAttentionLayer  # width 128, head_dim 64: a shape the kernels serve
     checked = []
     monkeypatch.setattr(kernels, "selfcheck", lambda device: checked.append(device) or (True, "ok"))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -484,9 +485,7 @@ def test_auto_chooses_the_kernels_only_where_they_were_measured_faster(monkeypat
     assert train.set_kernels(OneLayer(norm="rmsnorm"), "auto", cuda, compiled=True) == "torch"
     assert len(checked) == 2  # the torch path never builds the kernels
     with pytest.warns(RuntimeWarning, match="torch path, since the kernels cannot run this model: head_dim 72"):
-        model = OneLayer(heads=2, rope=True)
-        model.attn = train.Attention(144, 2, model.opts, mixes_values=False)
-        assert train.set_kernels(model, "auto", cuda, compiled=True) == "torch"
+        assert train.set_kernels(OneLayer(width=144, rope=True), "auto", cuda, compiled=True) == "torch"
     monkeypatch.setattr(kernels, "selfcheck", lambda device: (False, "ptxas failed"))
     with pytest.warns(RuntimeWarning, match="self-check failed on cuda: ptxas failed"):
         model = OneLayer(rope=True)
